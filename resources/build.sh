@@ -175,12 +175,15 @@ if [ ! -f "$rootfs" ]; then
 fi
 
 # --- the guest's command line on this host ----------------------------------------------
-cmdline="console=ttyS0 reboot=k panic=-1"
+# reboot=k: reboot through the keyboard controller, which the VMM turns into
+# a clean exit; panic=-1: reboot at once on panic; pci=off: there is no PCI.
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off"
 if [ "$workarounds" = on ]; then
     # The instruction emulator of KVM without hardware virtualization fails on
-    # XSAVE-family, CMPXCHG16B and POPCNT; some CPUID bits leak through the
-    # VMM's filter on such hosts, so the guest is told as well.
-    cmdline="$cmdline noxsave clearcpuid=popcnt,cx16,xsave,xsaveopt,xsavec,xsaves"
+    # XSAVE-family instructions, CMPXCHG16B, POPCNT and CLAC/STAC (SMAP). Some
+    # host CPUID bits leak through the VMM's filter on such hosts, so the
+    # kernel is told as well.
+    cmdline="$cmdline clearcpuid=popcnt,cx16,xsave,xsaveopt,xsavec,xsaves,smap"
 fi
 
 echo "kernel=$kernel_dir/bzImage"
