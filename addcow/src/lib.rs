@@ -45,5 +45,5 @@ pub use create::{cluster_bits_of, create, probe_format, CreateOptions, Probed};
 pub use error::{Error, Result};
 pub use header::{BackingFormat, BackingRef, Header, HeaderError};
 pub use image::{Access, AddCow, Backing, Extent, Parts, Source};
-pub use open::{resolve_name, MAX_CHAIN_DEPTH};
+pub use open::{open_locked, resolve_name, MAX_CHAIN_DEPTH};
 pub use storage::{FileStorage, Storage};

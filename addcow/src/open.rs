@@ -64,8 +64,9 @@ pub fn resolve_name(addcow: &Path, name: &Path) -> PathBuf {
     }
 }
 
-/// Opens `path` for `access` and takes the matching advisory lock.
-pub(crate) fn open_locked(path: &Path, access: Access) -> Result<File> {
+/// Opens `path` for `access` and takes the matching advisory lock (exclusive
+/// for writers, shared for readers) without waiting.
+pub fn open_locked(path: &Path, access: Access) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(access == Access::ReadWrite)

@@ -68,14 +68,25 @@ impl ExitSignal {
     /// Records that the console printed a kernel panic: the reset that
     /// follows (`panic=-1`) is then reported as the panic.
     pub fn note_panic(&self, line: String) {
-        let mut slot = self.panic_line.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .panic_line
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         slot.get_or_insert(line);
     }
 
     /// The reason the VM stopped, if it has.
     pub fn reason(&self) -> Option<VmExit> {
-        let reason = self.reason.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let panic = self.panic_line.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let reason = self
+            .reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let panic = self
+            .panic_line
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         match (reason, panic) {
             (Some(VmExit::Reset), Some(line)) => Some(VmExit::Panic(line)),
             (reason, _) => reason,
@@ -104,7 +115,10 @@ mod tests {
         exit.note_panic("Kernel panic - not syncing: boom".into());
         exit.signal(VmExit::Reset);
         let reason = exit.reason();
-        assert_eq!(reason, Some(VmExit::Panic("Kernel panic - not syncing: boom".into())));
+        assert_eq!(
+            reason,
+            Some(VmExit::Panic("Kernel panic - not syncing: boom".into()))
+        );
         assert_eq!(reason.map(|r| r.status()), Some(1));
         Ok(())
     }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::vm::VmConfig;
+use devices::virtio::block::DiskFormat;
+
+use crate::vm::{DiskConfig, VmConfig};
 use crate::x86_64::mptable::MAX_CPUS;
 
 /// What every guest gets on its command line before the user's additions:
@@ -31,6 +33,10 @@ pub struct Cli {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// A virtio-blk disk: PATH[,ro][,format=add-cow|raw]. The format defaults
+    /// to add-cow for a `.add-cow` file and raw otherwise. Repeat for vdb, vdc, ...
+    #[arg(long = "disk", value_name = "PATH[,ro][,format=F]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
     /// Add the test exit port at I/O port 0xf4: the byte the guest writes
     /// there becomes vmm's exit status.
     #[arg(long)]
@@ -45,6 +51,39 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("'{text}' is not a size ({e})"))
 }
 
+/// Parses `PATH[,ro][,format=add-cow|raw]`.
+fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut parts = text.split(',');
+    let path = PathBuf::from(
+        parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("a disk needs a path")?,
+    );
+    let mut read_only = false;
+    let mut format = None;
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => read_only = true,
+            Some(("format", "add-cow")) => format = Some(DiskFormat::AddCow),
+            Some(("format", "raw")) => format = Some(DiskFormat::Raw),
+            Some(("format", other)) => {
+                return Err(format!("disk format '{other}': use add-cow or raw"))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown disk option '{option}' (use ro or format=add-cow|raw)"
+                ))
+            }
+        }
+    }
+    Ok(DiskConfig {
+        format: format.unwrap_or_else(|| DiskFormat::from_extension(&path)),
+        path,
+        read_only,
+    })
+}
+
 /// Least guest memory accepted: room for the boot structures and a kernel.
 const MIN_MEM: u64 = 16 << 20;
 
@@ -55,7 +94,11 @@ impl Cli {
             return Err(format!("--vcpus {}: must be 1 to {MAX_CPUS}", self.vcpus));
         }
         if self.mem < MIN_MEM {
-            return Err(format!("--mem {}: at least {} MiB are needed", self.mem, MIN_MEM >> 20));
+            return Err(format!(
+                "--mem {}: at least {} MiB are needed",
+                self.mem,
+                MIN_MEM >> 20
+            ));
         }
         for path in std::iter::once(&self.kernel).chain(&self.initrd) {
             std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -71,6 +114,7 @@ impl Cli {
             cmdline,
             mem_size: self.mem,
             vcpus: self.vcpus,
+            disks: self.disks,
             exit_port: self.exit_port,
         })
     }
@@ -84,7 +128,9 @@ mod tests {
         let kernel = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut all = vec!["vmm", "--kernel", kernel.to_str().ok_or("path")?];
         all.extend_from_slice(args);
-        Cli::try_parse_from(all).map_err(|e| e.to_string())?.into_config()
+        Cli::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .into_config()
     }
 
     #[test]
@@ -104,6 +150,36 @@ mod tests {
         assert!(config(&["--vcpus", "33"]).is_err());
         assert!(config(&["--mem", "1M"]).is_err_and(|e| e.contains("--mem")));
         assert!(config(&["--mem", "lots"]).is_err());
-        assert!(config(&["--initrd", "/nonexistent/initrd"]).is_err_and(|e| e.contains("/nonexistent/initrd")));
+        assert!(config(&["--initrd", "/nonexistent/initrd"])
+            .is_err_and(|e| e.contains("/nonexistent/initrd")));
+        assert!(config(&["--disk", "a.img,rw"]).is_err_and(|e| e.contains("unknown disk option")));
+        assert!(config(&["--disk", "a.img,format=qcow2"]).is_err_and(|e| e.contains("qcow2")));
+        assert!(config(&["--disk", ",ro"]).is_err());
+    }
+
+    #[test]
+    fn disk_options() -> Result<(), String> {
+        let c = config(&[
+            "--disk",
+            "/d/a.add-cow",
+            "--disk",
+            "b.img,ro",
+            "--disk",
+            "c.img,format=add-cow,ro",
+        ])?;
+        let got: Vec<_> = c
+            .disks
+            .iter()
+            .map(|d| (d.path.to_str(), d.format, d.read_only))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("/d/a.add-cow"), DiskFormat::AddCow, false),
+                (Some("b.img"), DiskFormat::Raw, true),
+                (Some("c.img"), DiskFormat::AddCow, true),
+            ]
+        );
+        Ok(())
     }
 }

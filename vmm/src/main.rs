@@ -66,7 +66,12 @@ fn main() -> ExitCode {
             eprintln!("vmm: {err}");
             let bad_input = matches!(
                 err,
-                VmError::Boot(BootError::Read { .. } | BootError::NotAKernel(_) | BootError::NoRoomForInitrd { .. })
+                VmError::Boot(
+                    BootError::Read { .. }
+                        | BootError::NotAKernel(_)
+                        | BootError::NoRoomForInitrd { .. }
+                ) | VmError::Disk { .. }
+                    | VmError::TooManyDisks(_)
             );
             ExitCode::from(if bad_input { EXIT_BAD_INPUT } else { 1 })
         }

@@ -78,7 +78,9 @@ impl Vcpu {
                         break VmExit::Failed(format!("vCPU {}: system event {other}", self.id))
                     }
                 },
-                Ok(VcpuExit::InternalError) => break VmExit::Failed(self.describe_internal_error()),
+                Ok(VcpuExit::InternalError) => {
+                    break VmExit::Failed(self.describe_internal_error())
+                }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     break VmExit::Failed(format!(
                         "vCPU {}: KVM entry failed, hardware reason {reason:#x} on host CPU {cpu}",

@@ -9,9 +9,14 @@ use std::thread;
 use devices::bus::{Bus, BusError};
 use devices::exit::{ExitSignal, VmExit};
 use devices::legacy::{ConsoleOutput, ExitPort, Serial, EXIT_PORT, I8042};
+use devices::virtio::block::{open_disk, Block, DiskFormat};
+use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
@@ -19,10 +24,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::Vcpu;
 use crate::x86_64::boot::{self, BootError};
-use crate::x86_64::layout::{ram_regions, SERIAL_IRQ};
+use crate::x86_64::cpuid;
+use crate::x86_64::layout::{
+    ram_regions, IRQ_MAX, SERIAL_IRQ, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::x86_64::mptable::{self, MptableError};
 use crate::x86_64::regs::{self, RegsError};
-use crate::x86_64::cpuid;
 
 /// Everything a VM is made from.
 #[derive(Debug, Clone)]
@@ -37,8 +44,21 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// virtio-blk disks, in order: vda, vdb, ...
+    pub disks: Vec<DiskConfig>,
     /// Whether the test exit port at 0xf4 is present.
     pub exit_port: bool,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The add-cow or raw file.
+    pub path: PathBuf,
+    /// How to read it.
+    pub format: DiskFormat,
+    /// Offer it read-only (VIRTIO_BLK_F_RO) and refuse writes.
+    pub read_only: bool,
 }
 
 /// Errors building or running the VM.
@@ -73,6 +93,18 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    /// A disk cannot be opened.
+    #[error("disk {path}: {source}")]
+    Disk {
+        /// The `--disk` path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: addcow::Error,
+    },
+    /// More disks than free IRQs.
+    #[error("{0} disks: at most {max} fit the interrupt controller", max = IRQ_MAX - VIRTIO_IRQ_START + 1)]
+    TooManyDisks(usize),
     /// Two devices claim the same addresses.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -114,6 +146,7 @@ pub struct Vm {
     mmio: Bus,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<Serial>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
     config: VmConfig,
 }
 
@@ -124,7 +157,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -167,11 +201,19 @@ impl Vm {
         )));
         let mut pio = Bus::new();
         pio.insert(SERIAL_PORT.0, SERIAL_PORT.1, serial.clone())?;
-        pio.insert(I8042_PORT.0, I8042_PORT.1, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
+        pio.insert(
+            I8042_PORT.0,
+            I8042_PORT.1,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
         if config.exit_port {
-            pio.insert(EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort::new(exit.clone()))))?;
+            pio.insert(
+                EXIT_PORT,
+                1,
+                Arc::new(Mutex::new(ExitPort::new(exit.clone()))),
+            )?;
         }
-        Ok(Vm {
+        let mut vm = Vm {
             kvm,
             fd,
             mem,
@@ -179,8 +221,53 @@ impl Vm {
             mmio: Bus::new(),
             exit,
             serial,
+            blocks: Vec::new(),
             config,
-        })
+        };
+        for (index, disk) in vm.config.disks.clone().iter().enumerate() {
+            vm.add_disk(index, disk)?;
+        }
+        Ok(vm)
+    }
+
+    /// Adds disk number `index` as a virtio-blk device on its own MMIO window
+    /// and IRQ, announced on the kernel command line.
+    fn add_disk(&mut self, index: usize, disk: &DiskConfig) -> Result<(), VmError> {
+        let irq = u32::try_from(index)
+            .ok()
+            .map(|i| VIRTIO_IRQ_START + i)
+            .filter(|&irq| irq <= IRQ_MAX)
+            .ok_or(VmError::TooManyDisks(self.config.disks.len()))?;
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let backend =
+            open_disk(&disk.path, disk.format, disk.read_only).map_err(|source| VmError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+        let irq_event = EventFd::new(0).map_err(io_err("virtio irq event"))?;
+        let block = Block::new(backend, disk.read_only, disk_id(&disk.path), irq_event)
+            .map_err(io_err("virtio queue event"))?;
+        self.fd
+            .register_irqfd(block.interrupt().irq(), irq)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        if let Some(queue_event) = block.queue_event(0) {
+            self.fd
+                .register_ioevent(
+                    queue_event,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    0u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        let block = Arc::new(Mutex::new(block));
+        let transport = MmioTransport::new(block.clone(), self.mem.clone());
+        self.mmio
+            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.config
+            .cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        self.blocks.push(block);
+        Ok(())
     }
 
     /// Loads the guest, starts the vCPUs and runs the event loop until the
@@ -220,7 +307,14 @@ impl Vm {
                 regs::setup_regs(&fd, entry.entry)?;
                 regs::setup_fpu(&fd)?;
             }
-            vcpus.push(Vcpu::new(fd, id, pio.clone(), mmio.clone(), self.mem.clone(), self.exit.clone()));
+            vcpus.push(Vcpu::new(
+                fd,
+                id,
+                pio.clone(),
+                mmio.clone(),
+                self.mem.clone(),
+                self.exit.clone(),
+            ));
         }
         for vcpu in vcpus {
             thread::Builder::new()
@@ -235,17 +329,45 @@ impl Vm {
             serial: self.serial.clone(),
         })));
         events.add_subscriber(Arc::new(Mutex::new(ExitWatch(self.exit.clone()))));
+        for block in &self.blocks {
+            events.add_subscriber(block.clone());
+        }
         while self.exit.reason().is_none() {
             events
                 .run_with_timeout(100)
                 .map_err(|e| VmError::EventLoop(e.to_string()))?;
         }
         let _ = io::stdout().flush();
+        // The guest is done: make its disks consistent on the host, whether or
+        // not it flushed them itself.
+        for (block, disk) in self.blocks.iter().zip(&cfg.disks) {
+            let block = block.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = block.flush() {
+                eprintln!("vmm: disk {}: final flush failed: {e}", disk.path.display());
+            }
+        }
         Ok(self
             .exit
             .reason()
             .unwrap_or_else(|| VmExit::Failed("stopped without a reason".into())))
     }
+}
+
+/// A stable 20-byte serial for GET_ID: "acow-" and a hash of the disk's path.
+fn disk_id(path: &std::path::Path) -> [u8; 20] {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    // FNV-1a: stable across runs and Rust versions.
+    let hash = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let mut id = [0u8; 20];
+    let text = format!("acow-{hash:015x}");
+    id.copy_from_slice(&text.as_bytes()[..20]);
+    id
 }
 
 /// Standard input to the serial port.

@@ -48,7 +48,11 @@ impl ConsoleOutput {
     fn scan(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
-                if let Some(at) = self.line.windows(PANIC_MARK.len()).position(|w| w == PANIC_MARK) {
+                if let Some(at) = self
+                    .line
+                    .windows(PANIC_MARK.len())
+                    .position(|w| w == PANIC_MARK)
+                {
                     let text = String::from_utf8_lossy(&self.line[at..]);
                     self.exit.note_panic(text.trim_end().to_string());
                 }
@@ -134,7 +138,10 @@ mod tests {
         let exit = Arc::new(ExitSignal::new()?);
         let captured = Captured::default();
         let irq = EventFd::new(0)?;
-        let mut serial = Serial::new(irq, ConsoleOutput::new(Box::new(captured.clone()), exit.clone()));
+        let mut serial = Serial::new(
+            irq,
+            ConsoleOutput::new(Box::new(captured.clone()), exit.clone()),
+        );
         for &b in b"ok\n[ 1.0] Kernel panic - not syncing: VFS\n" {
             serial.write(0, &[b]);
         }
@@ -145,7 +152,9 @@ mod tests {
         exit.signal(crate::exit::VmExit::Reset);
         assert_eq!(
             exit.reason(),
-            Some(crate::exit::VmExit::Panic("Kernel panic - not syncing: VFS".into()))
+            Some(crate::exit::VmExit::Panic(
+                "Kernel panic - not syncing: VFS".into()
+            ))
         );
         Ok(())
     }
@@ -153,7 +162,10 @@ mod tests {
     #[test]
     fn input_reaches_the_receive_register() -> io::Result<()> {
         let exit = Arc::new(ExitSignal::new()?);
-        let mut serial = Serial::new(EventFd::new(0)?, ConsoleOutput::new(Box::new(io::sink()), exit));
+        let mut serial = Serial::new(
+            EventFd::new(0)?,
+            ConsoleOutput::new(Box::new(io::sink()), exit),
+        );
         assert_eq!(serial.enqueue_input(b"hi"), 2);
         let mut byte = [0u8];
         serial.read(0, &mut byte);

@@ -137,7 +137,8 @@ pub fn load_linux(
 
     let mut line = Cmdline::new(CMDLINE_MAX_SIZE)?;
     line.insert_str(cmdline)?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &line).map_err(memory_error("the command line"))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &line)
+        .map_err(memory_error("the command line"))?;
 
     if let Some(initrd) = initrd {
         let bytes = std::fs::read(initrd).map_err(read_error(initrd))?;
@@ -153,7 +154,8 @@ pub fn load_linux(
                 initrd_size: size,
                 limit,
             })?;
-        mem.write_slice(&bytes, GuestAddress(addr)).map_err(memory_error("the initrd"))?;
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(memory_error("the initrd"))?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }

@@ -51,11 +51,36 @@ const LEAF7_EDX: u32 = bits(&[2, 3, 8, 22, 23, 24, 25]);
 const LEAF7_1_EAX: u32 = bits(&[4, 5]);
 
 const HIDDEN: &[Hide] = &[
-    Hide { function: 1, index: None, reg: Reg::Ecx, bits: LEAF1_ECX },
-    Hide { function: 7, index: Some(0), reg: Reg::Ebx, bits: LEAF7_EBX },
-    Hide { function: 7, index: Some(0), reg: Reg::Ecx, bits: LEAF7_ECX },
-    Hide { function: 7, index: Some(0), reg: Reg::Edx, bits: LEAF7_EDX },
-    Hide { function: 7, index: Some(1), reg: Reg::Eax, bits: LEAF7_1_EAX },
+    Hide {
+        function: 1,
+        index: None,
+        reg: Reg::Ecx,
+        bits: LEAF1_ECX,
+    },
+    Hide {
+        function: 7,
+        index: Some(0),
+        reg: Reg::Ebx,
+        bits: LEAF7_EBX,
+    },
+    Hide {
+        function: 7,
+        index: Some(0),
+        reg: Reg::Ecx,
+        bits: LEAF7_ECX,
+    },
+    Hide {
+        function: 7,
+        index: Some(0),
+        reg: Reg::Edx,
+        bits: LEAF7_EDX,
+    },
+    Hide {
+        function: 7,
+        index: Some(1),
+        reg: Reg::Eax,
+        bits: LEAF7_1_EAX,
+    },
 ];
 
 /// Leaf 1 ECX bit 31: running under a hypervisor.
@@ -84,7 +109,9 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) {
             1 => {
                 entry.ecx |= HYPERVISOR_BIT;
                 // EBX[31:24] initial APIC ID, [23:16] logical processors.
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(cpu_id) << 24) | (u32::from(cpu_count) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff)
+                    | (u32::from(cpu_id) << 24)
+                    | (u32::from(cpu_count) << 16);
                 // EDX bit 28 (HTT): the count in EBX[23:16] is valid.
                 entry.edx |= 1 << 28;
             }
@@ -119,9 +146,15 @@ mod tests {
 
     #[test]
     fn hides_what_the_emulator_cannot_run() {
-        let mut cpuid =
-            CpuId::from_entries(&[leaf(1, 0), leaf(7, 0), leaf(7, 1), leaf(0xd, 0), leaf(0xb, 0), leaf(0x8000_0001, 0)])
-                .expect("cpuid");
+        let mut cpuid = CpuId::from_entries(&[
+            leaf(1, 0),
+            leaf(7, 0),
+            leaf(7, 1),
+            leaf(0xd, 0),
+            leaf(0xb, 0),
+            leaf(0x8000_0001, 0),
+        ])
+        .expect("cpuid");
         filter(&mut cpuid, 1, 2);
         let e = cpuid.as_slice();
         for bit in [13, 23, 26, 27, 28] {
@@ -134,7 +167,11 @@ mod tests {
         assert_eq!(e[1].ebx & (1 << 5), 0, "AVX2");
         assert_ne!(e[1].ebx & 1, 0, "FSGSBASE stays");
         assert_eq!(e[2].eax & (1 << 4), 0, "AVX-VNNI");
-        assert_eq!((e[3].eax, e[3].ebx, e[3].ecx, e[3].edx), (0, 0, 0, 0), "XSAVE leaf");
+        assert_eq!(
+            (e[3].eax, e[3].ebx, e[3].ecx, e[3].edx),
+            (0, 0, 0, 0),
+            "XSAVE leaf"
+        );
         assert_eq!(e[4].edx, 1, "x2APIC ID");
         assert_eq!(e[5].ecx, u32::MAX, "other leaves untouched");
     }

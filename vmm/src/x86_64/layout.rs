@@ -76,7 +76,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (mem_size - MMIO_GAP_START) as usize),
+            (
+                GuestAddress(MMIO_GAP_END),
+                (mem_size - MMIO_GAP_START) as usize,
+            ),
         ]
     }
 }
@@ -120,20 +123,43 @@ mod tests {
         assert_eq!(ram_regions(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         let map = e820_map(256 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
-        assert_eq!(map[2], E820Entry { addr: 0x100000, size: (256 << 20) - 0x100000, kind: E820_RAM });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 0x100000,
+                size: (256 << 20) - 0x100000,
+                kind: E820_RAM
+            }
+        );
     }
 
     #[test]
     fn large_guest_splits_around_the_mmio_gap() {
         let mem = 5u64 << 30;
         let regions = ram_regions(mem);
-        assert_eq!(regions, vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]);
+        assert_eq!(
+            regions,
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]
+        );
         let map = e820_map(mem);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         // All RAM but the EBDA..1 MiB hole is usable, and nothing overlaps the gap.
         assert_eq!(ram, mem - (HIMEM_START - EBDA_START));
-        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
     }
 }

@@ -1,7 +1,9 @@
 //! The state a vCPU starts Linux in: 64-bit long mode with an identity-mapped
 //! first GiB, a flat GDT, the zero page in RSI (Linux 64-bit boot protocol).
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -246,10 +248,16 @@ mod tests {
         assert_eq!(gdt[1], 0x00af_9b00_0000_ffff);
         assert_eq!(gdt[2], 0x00cf_9300_0000_ffff);
         let code = segment(gdt[1], 1);
-        assert_eq!((code.selector, code.l, code.db, code.present, code.type_), (0x08, 1, 0, 1, 0xb));
+        assert_eq!(
+            (code.selector, code.l, code.db, code.present, code.type_),
+            (0x08, 1, 0, 1, 0xb)
+        );
         assert_eq!((code.base, code.limit, code.g), (0, 0xffff_ffff, 1));
         let data = segment(gdt[2], 2);
-        assert_eq!((data.selector, data.l, data.db, data.type_), (0x10, 0, 1, 0x3));
+        assert_eq!(
+            (data.selector, data.l, data.db, data.type_),
+            (0x10, 0, 1, 0x3)
+        );
         assert_eq!(segment(gdt[0], 0).unusable, 1);
         let tss = segment(gdt[3], 3);
         assert_eq!((tss.selector, tss.type_, tss.s), (0x18, 0xb, 0));
@@ -257,7 +265,8 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_the_first_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
         write_boot_tables(&mem).expect("tables");
         let read = |at: u64| mem.read_obj::<u64>(GuestAddress(at)).expect("read");
         assert_eq!(read(PML4_START), PDPTE_START | 3);
