@@ -1,0 +1,127 @@
+//! The machine itself: a guest boots, prints its banner and stops cleanly;
+//! a panic is reported as one; bad input is refused before anything runs.
+
+use std::process::Command;
+
+use e2e::{artefacts, boot, workspace_binary, KernelImage};
+
+#[test]
+fn guest_boots_and_reboot_ends_the_vm_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // `reboot -f` goes through the i8042 (reboot=k), before /init could
+    // use the exit port: the VMM must exit 0 on its own.
+    let run = boot(
+        dir.path(),
+        KernelImage::BzImage,
+        "",
+        &[],
+        "echo \"CHECK cpus $(grep -c ^processor /proc/cpuinfo)\"\nreboot -f\nsleep 60\n",
+        |_| None,
+    );
+    assert_eq!(
+        run.status,
+        Some(0),
+        "console:\n{}\nstderr:\n{}",
+        run.console,
+        run.stderr
+    );
+    assert!(
+        run.console.contains("Linux version 6.1"),
+        "no kernel banner:\n{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("addcow-guest: /init started"),
+        "no /init banner:\n{}",
+        run.console
+    );
+    assert_eq!(run.check("cpus"), "1");
+}
+
+#[test]
+fn guest_panic_is_reported_as_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No such init: the kernel panics ("No working init found"), reboots
+    // (panic=-1), and the VMM reports the panic instead of a clean reset.
+    let run = boot(
+        dir.path(),
+        KernelImage::Vmlinux,
+        "rdinit=/nonexistent init=/nonexistent",
+        &[],
+        "exit 0\n",
+        |_| None,
+    );
+    assert_eq!(
+        run.status,
+        Some(1),
+        "console:\n{}\nstderr:\n{}",
+        run.console,
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("guest panicked: Kernel panic - not syncing"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+fn vmm(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(workspace_binary("vmm"))
+        .args(args)
+        .output()
+        .expect("run vmm");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_is_refused_with_status_2() {
+    let a = artefacts();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = a.kernel.to_str().expect("path");
+    let not_a_kernel = dir.path().join("notes.txt");
+    std::fs::write(&not_a_kernel, vec![b'x'; 8192]).expect("write");
+    let big_initrd = dir.path().join("big.cpio");
+    std::fs::write(&big_initrd, vec![0u8; 24 << 20]).expect("write");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--kernel", "/nonexistent/bzImage"],
+            "/nonexistent/bzImage",
+        ),
+        (
+            vec!["--kernel", not_a_kernel.to_str().expect("path")],
+            "not a Linux kernel",
+        ),
+        (vec!["--kernel", kernel, "--vcpus", "0"], "--vcpus"),
+        (
+            vec!["--kernel", kernel, "--disk", "x.img,bogus"],
+            "unknown disk option",
+        ),
+        (
+            vec!["--kernel", kernel, "--disk", "/nonexistent/d.add-cow"],
+            "/nonexistent/d.add-cow",
+        ),
+        (
+            vec![
+                "--kernel",
+                kernel,
+                "--mem",
+                "16M",
+                "--initrd",
+                big_initrd.to_str().expect("path"),
+            ],
+            "too little memory",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (status, stderr) = vmm(&args);
+        assert_eq!(status, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: '{stderr}' lacks '{needle}'"
+        );
+    }
+}
