@@ -205,8 +205,8 @@ impl MmioTransport {
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_DRIVER_FEATURES => {
-                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER {
+            REG_DRIVER_FEATURES
+                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER => {
                     let shift = match self.driver_features_sel {
                         0 => 0,
                         1 => 32,
@@ -215,7 +215,6 @@ impl MmioTransport {
                     self.acked_features = (self.acked_features & !(0xffff_ffffu64 << shift))
                         | (u64::from(value) << shift);
                 }
-            }
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM if allowed => {
                 if let Some(q) = self.selected_queue() {
@@ -248,11 +247,10 @@ impl MmioTransport {
                     }
                 }
             }
-            REG_QUEUE_NOTIFY => {
-                if self.status & status::DRIVER_OK != 0 {
+            REG_QUEUE_NOTIFY
+                if self.status & status::DRIVER_OK != 0 => {
                     let _ = self.with_device(|d| d.queue_event(value as usize).map(|e| e.write(1)));
                 }
-            }
             REG_INTERRUPT_ACK => self.with_device(|d| d.interrupt().ack(value)),
             REG_STATUS => self.set_status(value),
             _ => {}
@@ -267,7 +265,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         match data.len() {
-            4 if offset % 4 == 0 => data.copy_from_slice(&self.read_register(offset).to_le_bytes()),
+            4 if offset.is_multiple_of(4) => data.copy_from_slice(&self.read_register(offset).to_le_bytes()),
             // Registers are 32-bit; other widths read as zeros.
             _ => data.fill(0),
         }
@@ -279,7 +277,7 @@ impl BusDevice for MmioTransport {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
     }

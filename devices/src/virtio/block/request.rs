@@ -160,7 +160,7 @@ fn execute(
     match kind {
         types::IN => {
             let len = writer.available_bytes();
-            if len as u64 % SECTOR_SIZE != 0 {
+            if !(len as u64).is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed("read length not a multiple of 512"));
             }
             let offset = check_range(disk, sector, len as u64)?;
@@ -180,7 +180,7 @@ fn execute(
         }
         types::OUT => {
             let len = reader.available_bytes();
-            if len as u64 % SECTOR_SIZE != 0 {
+            if !(len as u64).is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed(
                     "write length not a multiple of 512",
                 ));
