@@ -92,7 +92,9 @@ impl Serial {
     /// Feeds host input to the guest; returns how many bytes fitted.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());
-        self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or_default()
+        self.uart
+            .enqueue_raw_bytes(&bytes[..room])
+            .unwrap_or_default()
     }
 }
 

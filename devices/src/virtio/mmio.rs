@@ -206,15 +206,16 @@ impl MmioTransport {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_DRIVER_FEATURES
-                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER => {
-                    let shift = match self.driver_features_sel {
-                        0 => 0,
-                        1 => 32,
-                        _ => return,
-                    };
-                    self.acked_features = (self.acked_features & !(0xffff_ffffu64 << shift))
-                        | (u64::from(value) << shift);
-                }
+                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER =>
+            {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                self.acked_features = (self.acked_features & !(0xffff_ffffu64 << shift))
+                    | (u64::from(value) << shift);
+            }
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM if allowed => {
                 if let Some(q) = self.selected_queue() {
@@ -247,10 +248,9 @@ impl MmioTransport {
                     }
                 }
             }
-            REG_QUEUE_NOTIFY
-                if self.status & status::DRIVER_OK != 0 => {
-                    let _ = self.with_device(|d| d.queue_event(value as usize).map(|e| e.write(1)));
-                }
+            REG_QUEUE_NOTIFY if self.status & status::DRIVER_OK != 0 => {
+                let _ = self.with_device(|d| d.queue_event(value as usize).map(|e| e.write(1)));
+            }
             REG_INTERRUPT_ACK => self.with_device(|d| d.interrupt().ack(value)),
             REG_STATUS => self.set_status(value),
             _ => {}
@@ -265,7 +265,9 @@ impl BusDevice for MmioTransport {
             return;
         }
         match data.len() {
-            4 if offset.is_multiple_of(4) => data.copy_from_slice(&self.read_register(offset).to_le_bytes()),
+            4 if offset.is_multiple_of(4) => {
+                data.copy_from_slice(&self.read_register(offset).to_le_bytes())
+            }
             // Registers are 32-bit; other widths read as zeros.
             _ => data.fill(0),
         }
@@ -280,5 +282,116 @@ impl BusDevice for MmioTransport {
         if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::request::tests::{guest_memory, MemDisk};
+    use crate::virtio::block::Block;
+    use virtio_queue::mock::MockSplitQueue;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn transport() -> (MmioTransport, GuestMemoryMmap) {
+        let mem = guest_memory();
+        let block = Block::new(
+            Box::new(MemDisk::new(1 << 20)),
+            false,
+            [0; 20],
+            EventFd::new(0).expect("irq"),
+        )
+        .expect("block");
+        (
+            MmioTransport::new(Arc::new(Mutex::new(block)), mem.clone()),
+            mem,
+        )
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn identifies_itself_and_its_config() {
+        let (mut t, _) = transport();
+        assert_eq!(read(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), super::super::TYPE_BLOCK);
+        // capacity: 1 MiB = 2048 sectors, read as two 32-bit halves.
+        assert_eq!(read(&mut t, CONFIG_SPACE), 2048);
+        assert_eq!(read(&mut t, CONFIG_SPACE + 4), 0);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            read(&mut t, REG_DEVICE_FEATURES) & 1,
+            1,
+            "VIRTIO_F_VERSION_1"
+        );
+        // Odd widths and unaligned registers read as zeros.
+        let mut byte = [0xffu8; 1];
+        t.read(REG_MAGIC, &mut byte);
+        assert_eq!(byte, [0]);
+    }
+
+    #[test]
+    fn negotiation_and_activation_follow_the_status_machine() {
+        let (mut t, mem) = transport();
+        let mock = MockSplitQueue::new(&mem, 16);
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE);
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        // A driver that does not accept VERSION_1 cannot reach FEATURES_OK.
+        write(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(read(&mut t, REG_STATUS), 0, "reset");
+
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, REG_DRIVER_FEATURES, 1); // VERSION_1
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        write(&mut t, REG_STATUS, ok);
+        assert_eq!(read(&mut t, REG_STATUS), ok);
+        // Queue setup.
+        write(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 256);
+        write(&mut t, REG_QUEUE_NUM, 16);
+        write(&mut t, REG_QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
+        write(&mut t, REG_QUEUE_DRIVER_LOW, mock.avail_addr().0 as u32);
+        write(&mut t, REG_QUEUE_DEVICE_LOW, mock.used_addr().0 as u32);
+        write(&mut t, REG_QUEUE_READY, 1);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 1);
+        write(&mut t, REG_STATUS, ok | status::DRIVER_OK);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            ok | status::DRIVER_OK,
+            "activated"
+        );
+        // Queue registers are frozen once running.
+        write(&mut t, REG_QUEUE_NUM, 8);
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 0, "reset clears the queue");
+    }
+
+    #[test]
+    fn activation_with_a_broken_queue_asks_for_a_reset() {
+        let (mut t, _) = transport();
+        write(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        write(&mut t, REG_DRIVER_FEATURES, 1);
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        write(&mut t, REG_STATUS, ok);
+        // No queue configured: DRIVER_OK must not start the device.
+        write(&mut t, REG_STATUS, ok | status::DRIVER_OK);
+        assert_ne!(read(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
     }
 }

@@ -229,3 +229,319 @@ fn execute(
         other => Err(RequestError::Unsupported(other)),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::block::backend::BackendError;
+
+    /// Device-writable descriptor flag.
+    pub const F_WRITE: u16 = 2;
+    pub const HEADER: u64 = 0x10_0000;
+    pub const DATA: u64 = 0x20_0000;
+    pub const STATUS: u64 = 0x30_0000;
+
+    /// An in-memory disk that counts flushes and can be made to fail.
+    #[derive(Default)]
+    pub struct MemDisk {
+        pub bytes: Mutex<Vec<u8>>,
+        pub flushes: AtomicUsize,
+        pub fail: AtomicBool,
+    }
+
+    impl MemDisk {
+        pub fn new(size: usize) -> Self {
+            MemDisk {
+                bytes: Mutex::new((0..size).map(|i| (i % 253) as u8).collect()),
+                ..Default::default()
+            }
+        }
+        fn check(&self) -> Result<(), BackendError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("injected: No space left on device".into());
+            }
+            Ok(())
+        }
+    }
+
+    impl DiskBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.bytes.lock().expect("lock").len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
+            self.check()?;
+            let bytes = self.bytes.lock().expect("lock");
+            buf.copy_from_slice(&bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
+            self.check()?;
+            self.bytes.lock().expect("lock")[offset as usize..offset as usize + buf.len()]
+                .copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), BackendError> {
+            self.check()?;
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+            self.check()?;
+            self.bytes.lock().expect("lock")[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    pub fn guest_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("guest memory")
+    }
+
+    pub fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    pub fn write_header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HEADER)).expect("header");
+    }
+
+    /// Serves the chain `descs` and returns (used length, status byte).
+    fn run(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        disk: &MemDisk,
+        read_only: bool,
+    ) -> (u32, u8) {
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+        let queue = MockSplitQueue::new(mem, 16);
+        let chain = queue.build_desc_chain(descs).expect("chain");
+        let id = *b"acow-test-serial-id0";
+        let len = serve(
+            chain,
+            mem,
+            &Disk {
+                backend: disk,
+                read_only,
+                id: &id,
+            },
+        );
+        (
+            len,
+            mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+        )
+    }
+
+    fn standard(data_len: u32, data_flags: u16) -> Vec<RawDescriptor> {
+        vec![
+            desc(HEADER, 16, 0),
+            desc(DATA, data_len, data_flags),
+            desc(STATUS, 1, F_WRITE),
+        ]
+    }
+
+    #[test]
+    fn read_copies_disk_bytes_into_guest_memory() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(8192);
+        write_header(&mem, types::IN, 2);
+        assert_eq!(
+            run(&mem, &standard(1024, F_WRITE), &disk, false),
+            (1025, status::OK)
+        );
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).expect("read");
+        assert!(got == disk.bytes.lock().expect("lock")[1024..2048]);
+    }
+
+    #[test]
+    fn write_copies_guest_bytes_to_the_disk_in_any_framing() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(8192);
+        mem.write_slice(&[7u8; 512], GuestAddress(DATA))
+            .expect("data");
+        write_header(&mem, types::OUT, 1);
+        assert_eq!(run(&mem, &standard(512, 0), &disk, false), (1, status::OK));
+        assert!(disk.bytes.lock().expect("lock")[512..1024]
+            .iter()
+            .all(|&b| b == 7));
+        // Header and data in one descriptor, status after them.
+        mem.write_slice(&[9u8; 512], GuestAddress(HEADER + 16))
+            .expect("data");
+        write_header(&mem, types::OUT, 3);
+        let descs = [desc(HEADER, 16 + 512, 0), desc(STATUS, 1, F_WRITE)];
+        assert_eq!(run(&mem, &descs, &disk, false), (1, status::OK));
+        assert!(disk.bytes.lock().expect("lock")[1536..2048]
+            .iter()
+            .all(|&b| b == 9));
+    }
+
+    #[test]
+    fn flush_get_id_discard_and_write_zeroes() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(8192);
+        write_header(&mem, types::FLUSH, 0);
+        let flush = [desc(HEADER, 16, 0), desc(STATUS, 1, F_WRITE)];
+        assert_eq!(run(&mem, &flush, &disk, false), (1, status::OK));
+        assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+
+        write_header(&mem, types::GET_ID, 0);
+        assert_eq!(
+            run(&mem, &standard(20, F_WRITE), &disk, false),
+            (21, status::OK)
+        );
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).expect("id");
+        assert_eq!(&id, b"acow-test-serial-id0");
+
+        for (kind, sector) in [(types::DISCARD, 1u64), (types::WRITE_ZEROES, 4)] {
+            write_header(&mem, kind, 0);
+            let mut segment = [0u8; 16];
+            segment[..8].copy_from_slice(&sector.to_le_bytes());
+            segment[8..12].copy_from_slice(&2u32.to_le_bytes());
+            mem.write_slice(&segment, GuestAddress(DATA))
+                .expect("segment");
+            assert_eq!(run(&mem, &standard(16, 0), &disk, false), (1, status::OK));
+            let start = sector as usize * 512;
+            assert!(disk.bytes.lock().expect("lock")[start..start + 1024]
+                .iter()
+                .all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn read_only_disks_refuse_every_kind_of_write() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(4096);
+        let before = disk.bytes.lock().expect("lock").clone();
+        for kind in [types::OUT, types::DISCARD, types::WRITE_ZEROES] {
+            write_header(&mem, kind, 0);
+            assert_eq!(
+                run(&mem, &standard(512, 0), &disk, true),
+                (1, status::IOERR),
+                "type {kind}"
+            );
+        }
+        assert!(*disk.bytes.lock().expect("lock") == before);
+        // Reads still work.
+        write_header(&mem, types::IN, 0);
+        assert_eq!(
+            run(&mem, &standard(512, F_WRITE), &disk, true).1,
+            status::OK
+        );
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_status() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(4096);
+        let cases: Vec<(&str, u32, u64, Vec<RawDescriptor>, u8)> = vec![
+            ("unknown type", 99, 0, standard(512, 0), status::UNSUPP),
+            (
+                "sector past the end",
+                types::IN,
+                8,
+                standard(512, F_WRITE),
+                status::IOERR,
+            ),
+            (
+                "range crossing the end",
+                types::OUT,
+                7,
+                standard(1024, 0),
+                status::IOERR,
+            ),
+            (
+                "sector overflow",
+                types::IN,
+                u64::MAX,
+                standard(512, F_WRITE),
+                status::IOERR,
+            ),
+            (
+                "length not a multiple of 512",
+                types::IN,
+                0,
+                standard(100, F_WRITE),
+                status::IOERR,
+            ),
+            (
+                "short header",
+                types::IN,
+                0,
+                vec![desc(HEADER, 8, 0), desc(STATUS, 1, F_WRITE)],
+                status::IOERR,
+            ),
+            (
+                "data outside guest memory",
+                types::OUT,
+                0,
+                vec![
+                    desc(HEADER, 16, 0),
+                    desc(0xffff_0000_0000, 512, 0),
+                    desc(STATUS, 1, F_WRITE),
+                ],
+                status::IOERR,
+            ),
+            (
+                "zero-length data",
+                types::OUT,
+                0,
+                standard(0, 0),
+                status::OK,
+            ),
+            (
+                "discard without a segment",
+                types::DISCARD,
+                0,
+                standard(8, 0),
+                status::IOERR,
+            ),
+        ];
+        for (what, kind, sector, descs, expected) in cases {
+            write_header(&mem, kind, sector);
+            assert_eq!(run(&mem, &descs, &disk, false).1, expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn no_status_byte_means_nothing_is_written_back() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(4096);
+        write_header(&mem, types::IN, 0);
+        // Everything device-readable: there is no place for a status.
+        let descs = [desc(HEADER, 16, 0), desc(DATA, 512, 0)];
+        assert_eq!(run(&mem, &descs, &disk, false), (0, 0xff));
+        // Writable part outside guest memory.
+        let descs = [desc(HEADER, 16, 0), desc(0xffff_0000_0000, 1, F_WRITE)];
+        assert_eq!(run(&mem, &descs, &disk, false), (0, 0xff));
+    }
+
+    #[test]
+    fn host_errors_become_ioerr_and_the_device_goes_on() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(4096);
+        disk.fail.store(true, Ordering::SeqCst);
+        for (kind, flags) in [(types::IN, F_WRITE), (types::OUT, 0)] {
+            write_header(&mem, kind, 0);
+            assert_eq!(
+                run(&mem, &standard(512, flags), &disk, false).1,
+                status::IOERR
+            );
+        }
+        disk.fail.store(false, Ordering::SeqCst);
+        write_header(&mem, types::IN, 0);
+        assert_eq!(
+            run(&mem, &standard(512, F_WRITE), &disk, false).1,
+            status::OK
+        );
+    }
+}
