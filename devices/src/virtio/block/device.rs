@@ -289,6 +289,34 @@ mod tests {
         dev.process_queue();
     }
 
+    #[test]
+    fn a_looping_chain_ends_and_gets_no_status() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        write_header(&mem, types::IN, 0);
+        // Descriptor 0 says NEXT and points at itself.
+        let looped = virtio_queue::desc::split::Descriptor::new(HEADER, 16, 1, 0);
+        mock.desc_table()
+            .store(0, virtio_queue::desc::RawDescriptor::from(looped))
+            .expect("store");
+        mock.avail().ring().ref_at(0).expect("ring").store(0);
+        mock.avail().idx().store(1u16.to_le());
+        let mut dev = block(MemDisk::new(4096));
+        activate(&mut dev, &mem, mock.create_queue().expect("queue"), false);
+        dev.process_queue();
+        let used_idx: u16 = mem
+            .read_obj(GuestAddress(mock.used_addr().0 + 2))
+            .expect("used idx");
+        let used_len: u32 = mem
+            .read_obj(GuestAddress(mock.used_addr().0 + 8))
+            .expect("used len");
+        assert_eq!(
+            (used_idx, used_len),
+            (1, 0),
+            "the chain is returned, with nothing written"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
         /// A hostile guest: random descriptor tables (addresses anywhere,
