@@ -71,37 +71,62 @@ impl Bus {
         }
     }
 
-    fn find(&self, addr: u64, len: usize) -> Option<(u64, &SharedDevice)> {
-        let (base, (range_len, device)) = self.ranges.range(..=addr).next_back()?;
+    /// Runs `access` on the device serving `len` bytes at `addr`, with the
+    /// offset into its range; false when no device serves the whole access.
+    fn dispatch(
+        &self,
+        addr: u64,
+        len: usize,
+        access: impl FnOnce(&mut dyn BusDevice, u64),
+    ) -> bool {
+        let Some((base, (range_len, device))) = self.ranges.range(..=addr).next_back() else {
+            return false;
+        };
         let offset = addr - base;
-        (offset + len as u64 <= *range_len).then_some((offset, device))
+        if offset + len as u64 > *range_len {
+            return false;
+        }
+        access(
+            &mut *device.lock().unwrap_or_else(PoisonError::into_inner),
+            offset,
+        );
+        true
     }
 
     /// Dispatches a read; false when no device serves the whole access.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((offset, device)) => {
-                device
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .read(offset, data);
-                true
-            }
-            None => false,
-        }
+        let len = data.len();
+        self.dispatch(addr, len, |device, offset| device.read(offset, data))
     }
 
     /// Dispatches a write; false when no device serves the whole access.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((offset, device)) => {
-                device
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .write(offset, data);
-                true
-            }
-            None => false,
+        self.dispatch(addr, data.len(), |device, offset| {
+            device.write(offset, data)
+        })
+    }
+}
+
+/// A device of byte-wide registers (the UART, the i8042): single-byte
+/// accesses reach it, anything wider reads as all ones and writes nowhere.
+pub trait ByteRegisters: Send {
+    /// Reads register `offset`.
+    fn read_register(&mut self, offset: u8) -> u8;
+    /// Writes register `offset`.
+    fn write_register(&mut self, offset: u8, value: u8);
+}
+
+impl<T: ByteRegisters> BusDevice for T {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), data) {
+            (Ok(offset), [byte]) => *byte = self.read_register(offset),
+            (_, data) => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
+            self.write_register(offset, *byte);
         }
     }
 }

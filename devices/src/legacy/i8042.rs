@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use vm_superio::Trigger;
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 use crate::exit::{ExitSignal, VmExit};
 
 /// Turns the controller's reset into a VM exit.
@@ -35,24 +35,21 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data) {
-            (Ok(offset), [byte]) => *byte = self.controller.read(offset),
-            (_, data) => data.fill(0xff),
-        }
+impl ByteRegisters for I8042 {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.controller.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            let _ = self.controller.write(offset, *byte);
-        }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        // Writes other than the reset command only change emulated state.
+        let _ = self.controller.write(offset, value);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
 
     #[test]
     fn reset_command_ends_the_vm() -> std::io::Result<()> {

@@ -7,7 +7,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 use crate::exit::ExitSignal;
 
 /// Raises an interrupt by writing to an event fd the VMM registered as an irqfd.
@@ -98,25 +98,21 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data) {
-            (Ok(offset), [byte]) => *byte = self.uart.read(offset),
-            (_, data) => data.fill(0xff),
-        }
+impl ByteRegisters for Serial {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            // A failed console write (closed stdout) must not stop the guest.
-            let _ = self.uart.write(offset, *byte);
-        }
+    fn write_register(&mut self, offset: u8, value: u8) {
+        // A failed console write (closed stdout) must not stop the guest.
+        let _ = self.uart.write(offset, value);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::Mutex;
 
     #[derive(Clone, Default)]
