@@ -46,6 +46,17 @@ pub struct Extent {
     pub source: Source,
 }
 
+/// Clusters that share one allocation state, and the part of an access in them.
+struct Run {
+    allocated: bool,
+    /// First cluster after the run.
+    end_cluster: u64,
+    /// First byte of the access in the run.
+    from: u64,
+    /// End of the access in the run.
+    to: u64,
+}
+
 /// The base of an add-cow image.
 #[derive(Debug)]
 pub enum Backing {
@@ -313,25 +324,36 @@ impl AddCow {
         if self.all_allocated() {
             return self.read_image(buf, offset);
         }
-        let bits = self.header.cluster_bits;
         let end = offset + buf.len() as u64;
-        let last = (end - 1) >> bits;
         let bitmap = read_lock(&self.bitmap);
-        let mut cluster = offset >> bits;
-        while cluster <= last {
-            let (allocated, run_end) = bitmap.run(cluster, last + 1);
-            let (run_start, run_stop) = self.cluster_span(cluster, run_end);
-            let from = run_start.max(offset);
-            let to = run_stop.min(end);
-            let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            if allocated {
-                self.read_image(piece, from)?;
+        let mut cluster = offset >> self.header.cluster_bits;
+        while let Some(run) = self.next_run(&bitmap, cluster, offset, end) {
+            let piece = &mut buf[(run.from - offset) as usize..(run.to - offset) as usize];
+            if run.allocated {
+                self.read_image(piece, run.from)?;
             } else {
-                self.read_backing(piece, from)?;
+                self.read_backing(piece, run.from)?;
             }
-            cluster = run_end;
+            cluster = run.end_cluster;
         }
         Ok(())
+    }
+
+    /// The run of clusters from `cluster` that share one allocation state,
+    /// clipped to the access `[offset, end)`; `None` past the access.
+    fn next_run(&self, bitmap: &CowBitmap, cluster: u64, offset: u64, end: u64) -> Option<Run> {
+        let last = (end - 1) >> self.header.cluster_bits;
+        if cluster > last {
+            return None;
+        }
+        let (allocated, end_cluster) = bitmap.run(cluster, last + 1);
+        let (run_start, run_stop) = self.cluster_span(cluster, end_cluster);
+        Some(Run {
+            allocated,
+            end_cluster,
+            from: run_start.max(offset),
+            to: run_stop.min(end),
+        })
     }
 
     fn ensure_writable(&self) -> Result<()> {
@@ -368,19 +390,15 @@ impl AddCow {
         }
         let mut bitmap = write_lock(&self.bitmap);
         let mut cluster = first;
-        while cluster <= last {
-            let (allocated, run_end) = bitmap.run(cluster, last + 1);
-            let (run_start, run_stop) = self.cluster_span(cluster, run_end);
-            let from = run_start.max(offset);
-            let to = run_stop.min(end);
-            let piece = &buf[(from - offset) as usize..(to - offset) as usize];
-            if allocated {
-                self.write_image(piece, from)?;
+        while let Some(run) = self.next_run(&bitmap, cluster, offset, end) {
+            let piece = &buf[(run.from - offset) as usize..(run.to - offset) as usize];
+            if run.allocated {
+                self.write_image(piece, run.from)?;
             } else {
-                self.copy_on_write(cluster, run_end, piece, from)?;
-                bitmap.set_range(cluster, run_end);
+                self.copy_on_write(cluster, run.end_cluster, piece, run.from)?;
+                bitmap.set_range(cluster, run.end_cluster);
             }
-            cluster = run_end;
+            cluster = run.end_cluster;
         }
         Ok(())
     }
