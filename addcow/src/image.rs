@@ -151,7 +151,7 @@ fn mutex_lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The pieces [`AddCow::from_parts`] assembles into an open image.
 #[derive(Debug)]
-pub struct Parts {
+pub(crate) struct Parts {
     /// Path of the add-cow file (for messages and name resolution).
     pub path: PathBuf,
     /// The add-cow file.
@@ -167,9 +167,9 @@ pub struct Parts {
 }
 
 impl AddCow {
-    /// Opens an image from storages the caller opened: reads and checks the
-    /// header, sizes the disk from the image file and loads the bitmap.
-    pub fn from_parts(header: Header, parts: Parts) -> Result<AddCow> {
+    /// Opens an image from storages already opened and a header already
+    /// checked: sizes the disk from the image file and loads the bitmap.
+    pub(crate) fn from_parts(header: Header, parts: Parts) -> Result<AddCow> {
         let Parts {
             path,
             meta,
@@ -570,6 +570,9 @@ impl AddCow {
     pub fn stream(&self, mut progress: impl FnMut(u64, u64)) -> Result<()> {
         self.ensure_writable()?;
         if self.all_allocated() {
+            // Nothing to copy, but the promise holds: on return, the image
+            // file alone is the disk, durably.
+            self.flush()?;
             progress(self.size, self.size);
             return Ok(());
         }

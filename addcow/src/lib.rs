@@ -44,6 +44,6 @@ pub mod storage;
 pub use create::{cluster_bits_of, create, probe_format, CreateOptions, Probed};
 pub use error::{Error, Result};
 pub use header::{BackingFormat, BackingRef, Header, HeaderError};
-pub use image::{Access, AddCow, Backing, Extent, Parts, Source};
+pub use image::{Access, AddCow, Backing, Extent, Source};
 pub use open::{open_locked, resolve_name, MAX_CHAIN_DEPTH};
 pub use storage::{FileStorage, Storage};

@@ -124,6 +124,32 @@ impl AddCow {
     pub fn open(path: &Path, access: Access) -> Result<AddCow> {
         open_in_chain(path, access, &mut Chain::default())
     }
+
+    /// Opens an image on storages the caller provides instead of host files
+    /// (the seam for fault-injection tests): reads and checks the header
+    /// from `meta`; `image` and `backing` stand for the files it names, and
+    /// `path` is used for messages. No locks or name checks apply.
+    pub fn open_storage(
+        path: &Path,
+        meta: Box<dyn Storage>,
+        image: Box<dyn Storage>,
+        backing: Option<Backing>,
+        access: Access,
+    ) -> Result<AddCow> {
+        let header = read_header(meta.as_ref(), path)?;
+        let image_path = resolve_name(path, &header.image_name);
+        AddCow::from_parts(
+            header,
+            Parts {
+                path: path.to_path_buf(),
+                meta,
+                image,
+                image_path,
+                backing,
+                access,
+            },
+        )
+    }
 }
 
 fn open_in_chain(path: &Path, access: Access, chain: &mut Chain) -> Result<AddCow> {
