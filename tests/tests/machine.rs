@@ -125,3 +125,53 @@ fn bad_input_is_refused_with_status_2() {
         );
     }
 }
+
+#[test]
+fn a_second_writer_of_a_disk_is_refused() {
+    let a = artefacts();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("d.add-cow");
+    let out = Command::new(workspace_binary("addcow"))
+        .args(["create", "--image", "d.raw", "--size", "1M"])
+        .arg(&disk)
+        .current_dir(dir.path())
+        .output()
+        .expect("addcow create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk_arg = disk.to_str().expect("path");
+    let kernel = a.kernel.to_str().expect("path");
+    // The first VMM opens (and locks) its disks before the guest starts.
+    let mut first = Command::new(workspace_binary("vmm"))
+        .args([
+            "--kernel",
+            kernel,
+            "--cmdline",
+            &a.cmdline,
+            "--disk",
+            disk_arg,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("first vmm");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (status, stderr) = vmm(&["--kernel", kernel, "--disk", disk_arg]);
+    let writer = Command::new(workspace_binary("addcow"))
+        .args(["write", disk_arg, "0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("addcow write");
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(status, Some(2), "second vmm: {stderr}");
+    assert!(
+        stderr.contains("in use by another process"),
+        "second vmm: {stderr}"
+    );
+    assert_eq!(writer.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&writer.stderr).contains("in use by another process"));
+}
