@@ -19,4 +19,34 @@ echo "test.sh: building the guest (resources/build.sh)" >&2
 resources/build.sh --quiet >&2
 echo "test.sh: building the workspace" >&2
 cargo build --workspace --bins --quiet
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+# Fuzz smoke run over the committed corpus (long runs: see README). The corpus
+# is copied so that the run adds nothing to the checkout.
+if [ "$status" = 0 ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+    for target in header_open image_io virtio_blk; do
+        scratch=$(mktemp -d)
+        echo "test.sh: fuzz smoke run of $target" >&2
+        # RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags cargo-fuzz passes.
+        if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$target" "$scratch" "fuzz/corpus/$target" -- \
+                -runs=30000 >"$scratch.log" 2>&1; then
+            tail -n 40 "$scratch.log" >&2
+            echo "fuzz: $target found a crash" >&2
+            status=1
+        else
+            grep -E '^Done' "$scratch.log" | sed "s/^/fuzz $target: /" >&2
+        fi
+        rm -rf "$scratch" "$scratch.log"
+    done
+fi
+
+passed=$(awk '/^test result:/ {n += $4} END {print n + 0}' "$log")
+failed=$(awk '/^test result:/ {n += $6} END {print n + 0}' "$log")
+echo "tests: $passed passed, $failed failed"
+exit "$status"
