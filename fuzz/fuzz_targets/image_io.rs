@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cluster_bits = 12 + u32::from(bits % 4);
-    let size = (u64::from(u16::from_le_bytes([*size_lo, *size_hi])) << 4).max(1);
+    let size = (u64::from(u16::from_le_bytes([*size_lo, *size_hi])) << 2).max(1);
     let backing_len = size * u64::from(backing_pct % 101) / 100;
     let backing = BackingRef { name: "base.img".into(), format: BackingFormat::Raw };
     let Ok(header) = Header::new(cluster_bits, Path::new("fuzz.raw"), Some(backing)) else {
