@@ -40,6 +40,9 @@ pub struct Block {
     queue_event: EventFd,
     interrupt: Arc<Interrupt>,
     active: Option<(GuestMemoryMmap, Queue)>,
+    /// A bad head index was reported since activation: a guest that keeps
+    /// sending them must not flood the host's log.
+    reported_bad_head: bool,
 }
 
 /// The configuration space (struct virtio_blk_config) for a disk.
@@ -78,6 +81,7 @@ impl Block {
             queue_event: EventFd::new(EFD_NONBLOCK)?,
             interrupt: Arc::new(Interrupt::new(irq)),
             active: None,
+            reported_bad_head: false,
         })
     }
 
@@ -99,8 +103,9 @@ impl Block {
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
                 let len = serve(chain, mem, &disk);
-                if queue.add_used(mem, head, len).is_err() {
-                    eprintln!("vmm: virtio-blk: cannot add descriptor {head} to the used ring");
+                if queue.add_used(mem, head, len).is_err() && !self.reported_bad_head {
+                    self.reported_bad_head = true;
+                    eprintln!("vmm: virtio-blk: the guest offered descriptor {head}, outside the queue; ignoring such requests");
                 }
             }
             // Requests that arrived while notifications were off.
@@ -184,6 +189,7 @@ impl VirtioDevice for Block {
         }
         queue.set_event_idx(acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.active = Some((mem, queue));
+        self.reported_bad_head = false;
         Ok(())
     }
 
