@@ -32,6 +32,7 @@ if [ "$status" = 0 ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
     for target in header_open image_io virtio_blk; do
         scratch=$(mktemp -d)
+        mkdir -p "fuzz/corpus/$target"
         echo "test.sh: fuzz smoke run of $target" >&2
         # RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags cargo-fuzz passes.
         if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$target" "$scratch" "fuzz/corpus/$target" -- \
