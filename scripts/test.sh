@@ -38,7 +38,11 @@ if [ "$status" = 0 ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then
         if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$target" "$scratch" "fuzz/corpus/$target" -- \
                 -runs=30000 >"$scratch.log" 2>&1; then
             tail -n 40 "$scratch.log" >&2
-            echo "fuzz: $target found a crash" >&2
+            if grep -q "Test unit written to" "$scratch.log"; then
+                echo "fuzz: $target found a crash (input saved under fuzz/artifacts/$target)" >&2
+            else
+                echo "fuzz: $target could not run" >&2
+            fi
             status=1
         else
             grep -E '^Done' "$scratch.log" | sed "s/^/fuzz $target: /" >&2
