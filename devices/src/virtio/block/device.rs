@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -40,9 +40,9 @@ pub struct Block {
     queue_event: EventFd,
     interrupt: Arc<Interrupt>,
     active: Option<(GuestMemoryMmap, Queue)>,
-    /// A bad head index was reported since activation: a guest that keeps
-    /// sending them must not flood the host's log.
-    reported_bad_head: bool,
+    /// A broken ring (bad head index, avail index out of range) was reported
+    /// since activation: a guest that keeps doing it must not flood the log.
+    reported_bad_ring: bool,
 }
 
 /// The configuration space (struct virtio_blk_config) for a disk.
@@ -81,7 +81,7 @@ impl Block {
             queue_event: EventFd::new(EFD_NONBLOCK)?,
             interrupt: Arc::new(Interrupt::new(irq)),
             active: None,
-            reported_bad_head: false,
+            reported_bad_ring: false,
         })
     }
 
@@ -96,22 +96,55 @@ impl Block {
             read_only: self.read_only,
             id: &self.id,
         };
-        loop {
+        // A guest can make this loop endless (requests whose data lands on
+        // the rings keep the avail index ahead), so one pass serves at most a
+        // queue's worth and then yields to the event loop, which comes back.
+        let reported = &mut self.reported_bad_ring;
+        let mut report = |what: String| {
+            if !std::mem::replace(reported, true) {
+                eprintln!("vmm: virtio-blk: {what}; ignoring such requests");
+            }
+        };
+        let mut budget = usize::from(QUEUE_SIZE);
+        let mut yielded = false;
+        'passes: loop {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
+            let mut served = 0;
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                if budget == 0 {
+                    // Not served yet: step back so the next pass takes it.
+                    queue.go_to_previous_position();
+                    yielded = true;
+                    break 'passes;
+                }
+                budget -= 1;
+                served += 1;
                 let head = chain.head_index();
                 let len = serve(chain, mem, &disk);
-                if queue.add_used(mem, head, len).is_err() && !self.reported_bad_head {
-                    self.reported_bad_head = true;
-                    eprintln!("vmm: virtio-blk: the guest offered descriptor {head}, outside the queue; ignoring such requests");
+                if queue.add_used(mem, head, len).is_err() {
+                    report(format!(
+                        "the guest offered descriptor {head}, outside the queue"
+                    ));
                 }
             }
             // Requests that arrived while notifications were off.
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if served > 0 => continue,
+                // More is announced but nothing could be taken: the avail
+                // index is out of range, until the driver resets the device.
+                Ok(true) => {
+                    report("the guest's avail index is out of range".to_string());
+                    break;
+                }
                 _ => break,
+            }
+        }
+        if yielded {
+            // The counter wakes the event loop again after other events.
+            if let Err(e) = self.queue_event.write(1) {
+                eprintln!("vmm: virtio-blk: cannot re-arm the queue event: {e}");
             }
         }
         if queue.needs_notification(mem).unwrap_or(true) {
@@ -189,7 +222,7 @@ impl VirtioDevice for Block {
         }
         queue.set_event_idx(acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         self.active = Some((mem, queue));
-        self.reported_bad_head = false;
+        self.reported_bad_ring = false;
         Ok(())
     }
 
@@ -321,6 +354,24 @@ mod tests {
             (1, 0),
             "the chain is returned, with nothing written"
         );
+    }
+
+    /// Regression (found by the virtio_blk fuzzer as a timeout): an avail
+    /// index more than a queue ahead made pop return nothing while
+    /// enable_notification kept announcing more, and the loop never ended.
+    #[test]
+    fn an_avail_index_out_of_range_does_not_hang_the_device() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        mock.avail().idx().store(100u16.to_le());
+        let mut dev = block(MemDisk::new(4096));
+        activate(&mut dev, &mem, mock.create_queue().expect("queue"), true);
+        dev.process_queue();
+        let used_idx: u16 = mem
+            .read_obj(GuestAddress(mock.used_addr().0 + 2))
+            .expect("used idx");
+        assert_eq!(used_idx, 0, "nothing served");
+        assert!(dev.reported_bad_ring);
     }
 
     proptest! {
