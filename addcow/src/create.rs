@@ -1,15 +1,17 @@
 //! Creating add-cow images, and probing the format of a backing file.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, Read};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use crate::bitmap::bitmap_len;
+use crate::bitmap::{bitmap_len, MAX_BITMAP_BYTES, MAX_CHAIN_BITMAP_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::header::{BackingFormat, BackingRef, Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::image::{Access, AddCow};
-use crate::open::{lock, resolve_name};
+use crate::open::MAX_CHAIN_DEPTH;
+use crate::open::{lock, open_checked, options_for, resolve_name, ChainFile, FileId};
+use crate::storage::file_size;
 
 /// What [`create`] makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +51,7 @@ pub fn cluster_bits_of(cluster_size: u64) -> Result<u32> {
 /// Looks at a file's magic: add-cow, raw, or a format add-cow cannot use.
 pub fn probe_format(path: &Path) -> Result<Probed> {
     let mut head = Vec::with_capacity(72);
-    File::open(path)
-        .ctx(path, "open")?
+    open_checked(path, &options_for(Access::ReadOnly), "open")?
         .take(72)
         .read_to_end(&mut head)
         .ctx(path, "read")?;
@@ -80,19 +81,135 @@ pub fn probe_format(path: &Path) -> Result<Probed> {
     })
 }
 
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+/// The backing chain of an image being created, opened read-only (holding
+/// its shared locks) and checked whole before anything is written.
+struct Base {
+    /// Size of the base: a raw file's or device's size, an add-cow's virtual size.
+    size: u64,
+    /// Every host file of the chain, the backing file first.
+    files: Vec<ChainFile>,
+    /// Memory the chain's bitmaps take.
+    bitmap_bytes: u64,
+    /// Open handles: they keep the locks until create is done.
+    _raw: Option<File>,
+    _addcow: Option<AddCow>,
+}
+
+fn open_base(path: &Path, backing_path: &Path, format: BackingFormat) -> Result<Base> {
+    match format {
+        BackingFormat::Raw => {
+            let file = open_checked(
+                backing_path,
+                &options_for(Access::ReadOnly),
+                "open backing file",
+            )?;
+            lock(&file, backing_path, Access::ReadOnly)?;
+            let size = file_size(&file).ctx(backing_path, "stat backing file")?;
+            let files = vec![ChainFile {
+                path: backing_path.to_path_buf(),
+                role: "backing file",
+                id: FileId::of(&file, backing_path)?,
+            }];
+            Ok(Base {
+                size,
+                files,
+                bitmap_bytes: 0,
+                _raw: Some(file),
+                _addcow: None,
+            })
+        }
+        BackingFormat::AddCow => {
+            let image = AddCow::open(backing_path, Access::ReadOnly)?;
+            if image.chain_depth() + 1 > MAX_CHAIN_DEPTH {
+                return Err(Error::ChainTooDeep {
+                    path: path.to_path_buf(),
+                    max: MAX_CHAIN_DEPTH,
+                });
+            }
+            Ok(Base {
+                size: image.size(),
+                files: image.chain_files(),
+                bitmap_bytes: image.chain_bitmap_bytes(),
+                _raw: None,
+                _addcow: Some(image),
+            })
+        }
+    }
+}
+
+/// A file create writes: opened if it exists (nothing changes by that),
+/// created empty and exclusively if not.
+struct Target {
+    file: File,
+    created: bool,
+}
+
+fn open_target(path: &Path) -> Result<Target> {
+    let mut existing = OpenOptions::new();
+    existing.read(true).write(true);
+    match open_checked(path, &existing, "open") {
+        Ok(file) => Ok(Target {
+            file,
+            created: false,
+        }),
+        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            let mut new = OpenOptions::new();
+            new.read(true).write(true).create_new(true);
+            Ok(Target {
+                file: open_checked(path, &new, "create")?,
+                created: true,
+            })
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Refuses a target that is a file of the backing chain: the direct backing
+/// file is "the same file", anything further down "in the backing chain".
+fn refuse_chain_member(
+    path: &Path,
+    target: &File,
+    target_path: &Path,
+    role: &'static str,
+    base: &Base,
+) -> Result<()> {
+    let id = FileId::of(target, target_path)?;
+    match base.files.iter().position(|f| f.id == id) {
+        None => Ok(()),
+        Some(0) => Err(Error::SameFile {
+            path: path.to_path_buf(),
+            first: role,
+            second: "backing file",
+        }),
+        Some(i) => Err(Error::InBackingChain {
+            path: target_path.to_path_buf(),
+            role,
+            other: base.files[i].path.clone(),
+            other_role: base.files[i].role,
+        }),
+    }
+}
+
+/// Makes the new name of `file` durable: fsyncs its directory.
+fn sync_parent(file: &Path) -> Result<()> {
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(dir, "sync directory")
 }
 
 /// Creates (or overwrites) the add-cow file at `path`. The image file is
 /// created sparse when missing and grown to `size` when asked, never shrunk;
-/// the backing file is only read. The result is opened once to check it.
+/// the backing file is only read.
+///
+/// The whole backing chain is opened and checked (loops, depth, every file's
+/// identity against the files being written) before any file is written: on
+/// failure no existing file has changed and no new file is left behind.
 pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
     let image_path = resolve_name(path, &options.image);
-    let backing_path = options
-        .backing
-        .as_ref()
-        .map(|b| resolve_name(path, &b.name));
     let header = Header::new(
         options.cluster_bits,
         &options.image,
@@ -102,111 +219,165 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         path: path.to_path_buf(),
         source,
     })?;
-
-    // Roles that resolve to one file make the image invalid: refuse before writing.
-    let addcow_id = file_id(path);
-    let image_id = file_id(&image_path);
-    let backing_id = backing_path.as_deref().and_then(file_id);
-    let same = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| a.is_some() && a == b;
-    for (a, b, first, second) in [
-        (image_id, addcow_id, "image file", "add-cow file"),
-        (image_id, backing_id, "image file", "backing file"),
-        (backing_id, addcow_id, "backing file", "add-cow file"),
-    ] {
-        if same(a, b) {
-            return Err(Error::SameFile {
-                path: path.to_path_buf(),
-                first,
-                second,
-            });
-        }
-    }
-
-    let backing_size = match (&options.backing, &backing_path) {
-        (Some(backing), Some(backing_path)) => Some(match backing.format {
-            BackingFormat::Raw => File::open(backing_path)
-                .and_then(|f| f.metadata())
-                .ctx(backing_path, "open backing file")?
-                .len(),
-            BackingFormat::AddCow => AddCow::open(backing_path, Access::ReadOnly)?.size(),
-        }),
-        _ => None,
+    let base = match &options.backing {
+        Some(backing) => Some(open_base(
+            path,
+            &resolve_name(path, &backing.name),
+            backing.format,
+        )?),
+        None => None,
     };
 
-    let addcow_existed = addcow_id.is_some();
-    let image_existed = image_id.is_some();
+    let meta = open_target(path)?;
+    let image = match open_target(&image_path) {
+        Ok(image) => image,
+        Err(err) => {
+            if meta.created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(err);
+        }
+    };
     // Files this call created are removed again if it fails.
     let cleanup = |err: Error| {
-        if !image_existed {
+        if image.created {
             let _ = std::fs::remove_file(&image_path);
         }
-        if !addcow_existed {
+        if meta.created {
             let _ = std::fs::remove_file(path);
         }
         err
     };
-    let meta_file = open_for_create(path)?;
-    lock(&meta_file, path, Access::ReadWrite).map_err(cleanup)?;
-    let image_file = open_for_create(&image_path).map_err(cleanup)?;
-    lock(&image_file, &image_path, Access::ReadWrite).map_err(cleanup)?;
-    let existing = image_file
-        .metadata()
-        .ctx(&image_path, "stat image file")
-        .map_err(cleanup)?
-        .len();
-    let size = match (options.size, image_existed, backing_size) {
-        (Some(size), true, _) if size < existing => {
-            return Err(cleanup(Error::WouldShrink {
-                path: image_path.clone(),
-                len: existing,
-                requested: size,
-            }))
-        }
-        (Some(size), _, _) => size,
-        (None, true, _) => existing,
-        (None, false, Some(backing_size)) => backing_size,
-        (None, false, None) => {
-            return Err(cleanup(Error::NoSize {
-                path: image_path.clone(),
-            }));
-        }
-    };
-    if let (Some(backing_size), Some(backing_path)) = (backing_size, &backing_path) {
-        if backing_size > size {
-            return Err(cleanup(Error::BackingLarger {
-                backing: backing_path.clone(),
-                backing_size,
-                image: image_path.clone(),
-                image_size: size,
-            }));
-        }
-    }
-    if size != existing {
-        image_file
-            .set_len(size)
-            .ctx(&image_path, "resize image file")
-            .map_err(cleanup)?;
-    }
-    image_file
-        .sync_all()
-        .ctx(&image_path, "sync image file")
-        .map_err(cleanup)?;
-    write_metadata(&meta_file, path, &header, size).map_err(cleanup)?;
-    drop((meta_file, image_file));
-
-    // Opening applies every rule, including those about the whole chain.
+    prepare(
+        path,
+        &image_path,
+        &header,
+        options,
+        base.as_ref(),
+        &meta,
+        &image,
+    )
+    .map_err(cleanup)?;
+    drop((meta, image, base));
+    // Opening once more confirms the result.
     AddCow::open(path, Access::ReadOnly).map(drop)
 }
 
-/// Opens `path` for writing, creating it if missing, keeping its contents.
-fn open_for_create(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx(path, "create")
+/// Checks everything, then writes: sizes the image file and writes the
+/// add-cow file.
+fn prepare(
+    path: &Path,
+    image_path: &Path,
+    header: &Header,
+    options: &CreateOptions,
+    base: Option<&Base>,
+    meta: &Target,
+    image: &Target,
+) -> Result<()> {
+    if FileId::of(&meta.file, path)? == FileId::of(&image.file, image_path)? {
+        return Err(Error::SameFile {
+            path: path.to_path_buf(),
+            first: "image file",
+            second: "add-cow file",
+        });
+    }
+    if let Some(base) = base {
+        refuse_chain_member(path, &image.file, image_path, "image file", base)?;
+        refuse_chain_member(path, &meta.file, path, "add-cow file", base)?;
+    }
+    let meta_kind = meta.file.metadata().ctx(path, "stat")?.file_type();
+    if meta_kind.is_block_device() {
+        return Err(Error::AddCowOnDevice {
+            path: path.to_path_buf(),
+        });
+    }
+    lock(&meta.file, path, Access::ReadWrite)?;
+    lock(&image.file, image_path, Access::ReadWrite)?;
+    let existing = file_size(&image.file).ctx(image_path, "stat image file")?;
+    let backing_size = base.map(|b| b.size);
+    let size = match (options.size, image.created, backing_size) {
+        (Some(size), false, _) if size < existing => {
+            return Err(Error::WouldShrink {
+                path: image_path.to_path_buf(),
+                len: existing,
+                requested: size,
+            })
+        }
+        (Some(size), _, _) => size,
+        (None, false, _) => existing,
+        (None, true, Some(backing_size)) => backing_size,
+        (None, true, None) => {
+            return Err(Error::NoSize {
+                path: image_path.to_path_buf(),
+            });
+        }
+    };
+    let is_device = image
+        .file
+        .metadata()
+        .ctx(image_path, "stat image file")?
+        .file_type()
+        .is_block_device();
+    if is_device && size != existing {
+        return Err(Error::DeviceSize {
+            path: image_path.to_path_buf(),
+            len: existing,
+            requested: size,
+        });
+    }
+    if let (Some(base), Some(backing)) = (base, &options.backing) {
+        if base.size > size {
+            return Err(Error::BackingLarger {
+                backing: resolve_name(path, &backing.name),
+                backing_size: base.size,
+                image: image_path.to_path_buf(),
+                image_size: size,
+            });
+        }
+    }
+    let needed = bitmap_len(size.div_ceil(header.cluster_size()));
+    if needed > MAX_BITMAP_BYTES {
+        return Err(Error::BitmapTooLarge {
+            path: path.to_path_buf(),
+            needed,
+            max: MAX_BITMAP_BYTES,
+            image_size: size,
+        });
+    }
+    let total = needed + base.map_or(0, |b| b.bitmap_bytes);
+    if total > MAX_CHAIN_BITMAP_BYTES {
+        return Err(Error::ChainBitmapsTooLarge {
+            path: path.to_path_buf(),
+            total,
+            max: MAX_CHAIN_BITMAP_BYTES,
+        });
+    }
+
+    // Every check passed: now the files change.
+    if size != existing {
+        image
+            .file
+            .set_len(size)
+            .ctx(image_path, "resize image file")?;
+    }
+    let written = image
+        .file
+        .sync_all()
+        .ctx(image_path, "sync image file")
+        .and_then(|()| write_metadata(&meta.file, path, header, size));
+    if let Err(err) = written {
+        // A full disk, say: the existing image file gets its length back.
+        if size != existing && !image.created {
+            let _ = image.file.set_len(existing);
+        }
+        return Err(err);
+    }
+    for (target, target_path) in [(meta, path), (image, image_path)] {
+        if target.created {
+            sync_parent(target_path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes header, all-zero bitmap and padding to a multiple of the cluster size.

@@ -44,6 +44,91 @@ pub enum Error {
         /// Length of the image file.
         image_size: u64,
     },
+    /// The bitmap an image file of this size needs is larger than the cap.
+    #[error("{path}: an image file of {image_size} bytes needs a {needed}-byte bitmap, more than the {max}-byte limit; use larger clusters")]
+    BitmapTooLarge {
+        /// The add-cow file.
+        path: PathBuf,
+        /// Bitmap bytes needed.
+        needed: u64,
+        /// The cap, [`crate::bitmap::MAX_BITMAP_BYTES`].
+        max: u64,
+        /// Length of the image file.
+        image_size: u64,
+    },
+    /// The bitmaps of a backing chain together are larger than the cap.
+    #[error("{path}: the bitmaps of its backing chain need {total} bytes, more than the {max}-byte limit; use larger clusters or a shorter chain")]
+    ChainBitmapsTooLarge {
+        /// The add-cow file whose bitmap crosses the cap.
+        path: PathBuf,
+        /// Bitmap bytes of the chain from the top down to this file.
+        total: u64,
+        /// The cap, [`crate::bitmap::MAX_CHAIN_BITMAP_BYTES`].
+        max: u64,
+    },
+    /// The add-cow file's length is not a multiple of the cluster size.
+    #[error("{path}: the add-cow file is {len} bytes, not padded to a multiple of the {cluster_size}-byte cluster")]
+    NotPadded {
+        /// The add-cow file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The cluster size.
+        cluster_size: u64,
+    },
+    /// A name leads to something that is neither a regular file nor a block device.
+    #[error("{path}: is a {kind}, not a regular file or block device")]
+    NotAFile {
+        /// The path opened.
+        path: PathBuf,
+        /// What it is ("FIFO", "socket", "directory", "character device", ...).
+        kind: &'static str,
+    },
+    /// A loop device attached to no file (after a reboot, say): it would
+    /// read as an empty disk.
+    #[error("{path}: loop device attached to no file (losetup it first)")]
+    LoopDetached {
+        /// The device.
+        path: PathBuf,
+    },
+    /// `create` was asked to write an add-cow file onto a block device,
+    /// which cannot be truncated and sized as the file must be.
+    #[error("{path}: is a block device; create writes the add-cow file as a regular file")]
+    AddCowOnDevice {
+        /// The add-cow path given.
+        path: PathBuf,
+    },
+    /// A sync of the image file failed earlier: the host may have dropped
+    /// data it had accepted, so no later flush of this open image may succeed.
+    #[error("{path}: an earlier sync of the image file failed and writes may have been lost; flushes fail until the image is reopened")]
+    SyncFailed {
+        /// The image file.
+        path: PathBuf,
+    },
+    /// A file `create` would write is a file of the backing chain.
+    #[error("{path}: the {role} to create is {other}, the {other_role} in the backing chain; refusing to change it")]
+    InBackingChain {
+        /// The file create would write.
+        path: PathBuf,
+        /// Its role in the new image ("image file" or "add-cow file").
+        role: &'static str,
+        /// The chain's name for it.
+        other: PathBuf,
+        /// Its role in the chain.
+        other_role: &'static str,
+    },
+    /// A block device as image file cannot take another size.
+    #[error(
+        "image file {path} is a block device of {len} bytes; it cannot be resized to {requested}"
+    )]
+    DeviceSize {
+        /// The image file.
+        path: PathBuf,
+        /// The device's size.
+        len: u64,
+        /// The size asked for.
+        requested: u64,
+    },
     /// Another process holds a conflicting lock.
     #[error("{path}: in use by another process (it holds the lock); close it first")]
     Locked {
@@ -126,6 +211,15 @@ pub enum Error {
         len: u64,
         /// Virtual disk size.
         size: u64,
+    },
+    /// A piece of an I/O buffer list outside it (a bug of this library:
+    /// every caller keeps its ranges inside).
+    #[error("buffer range {start}+{len} is outside the I/O buffers")]
+    BufferRange {
+        /// First byte asked for.
+        start: u64,
+        /// Length asked for.
+        len: u64,
     },
     /// A write to an image opened read-only.
     #[error("{path}: opened read-only")]

@@ -130,6 +130,14 @@ pub enum HeaderError {
         /// The rule it breaks.
         rule: String,
     },
+    /// A name holds a NUL byte.
+    #[error("header: {field} holds a NUL byte at byte {at}; names must not contain NUL")]
+    NulInName {
+        /// "backing file name" or "image file name".
+        field: &'static str,
+        /// Offset of the NUL byte in the header.
+        at: u64,
+    },
     /// The two names share bytes.
     #[error("header: backing file name (bytes {backing:?}) and image file name (bytes {image:?}) overlap")]
     NamesOverlap {
@@ -329,14 +337,9 @@ fn name_from_bytes(
 ) -> Result<PathBuf, HeaderError> {
     let name = &bytes[span.range().start as usize..span.range().end as usize];
     if let Some(pos) = name.iter().position(|&b| b == 0) {
-        return Err(HeaderError::Name {
+        return Err(HeaderError::NulInName {
             field,
-            what: "offset",
-            value: u64::from(span.offset),
-            rule: format!(
-                "the name holds a NUL byte at offset {}",
-                span.offset as usize + pos
-            ),
+            at: u64::from(span.offset) + pos as u64,
         });
     }
     Ok(PathBuf::from(OsStr::from_bytes(name)))
@@ -394,17 +397,26 @@ impl Header {
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
         let header_size = self.header_size();
         let limit = u64::from(header_size) - FIXED_HEADER_LEN as u64;
-        let names_len = self.image_name.as_os_str().len() as u64
-            + self
-                .backing
-                .as_ref()
-                .map_or(0, |b| b.name.as_os_str().len() as u64);
-        if names_len >= limit {
+        let image_len = self.image_name.as_os_str().len() as u64;
+        let backing_len = self
+            .backing
+            .as_ref()
+            .map_or(0, |b| b.name.as_os_str().len() as u64);
+        if image_len + backing_len >= limit {
+            // Blame the longer name: it is the one to shorten.
+            let (field, value) = if backing_len > image_len {
+                ("backing file name", backing_len)
+            } else {
+                ("image file name", image_len)
+            };
             return Err(HeaderError::Name {
-                field: "image file name",
+                field,
                 what: "size",
-                value: names_len,
-                rule: format!("the names together must be shorter than HEADER_SIZE - 76 = {limit}"),
+                value,
+                rule: format!(
+                    "the names together ({} bytes) must be shorter than HEADER_SIZE - 76 = {limit}",
+                    image_len + backing_len
+                ),
             });
         }
         let (backing_span, image_span) = self.spans();
@@ -791,7 +803,19 @@ mod tests {
     fn rejects_nul_inside_a_name() {
         let mut b = sample();
         b[86] = 0;
-        assert_eq!(name_error(&b), ("image file name", "offset"));
+        assert_eq!(
+            Header::decode(&b),
+            Err(HeaderError::NulInName {
+                field: "image file name",
+                at: 86
+            })
+        );
+        let message = HeaderError::NulInName {
+            field: "image file name",
+            at: 86,
+        }
+        .to_string();
+        assert!(!message.contains("offset"), "{message}");
     }
 
     #[test]
@@ -864,5 +888,30 @@ mod tests {
         let long = "x".repeat(4096);
         assert!(Header::new(12, Path::new(&long), None).is_err());
         assert!(Header::new(16, Path::new(&long), None).is_ok());
+    }
+
+    #[test]
+    fn the_long_name_is_the_one_blamed() {
+        let long = "b".repeat(4096);
+        let backing = |name: &str| {
+            Some(BackingRef {
+                name: name.into(),
+                format: BackingFormat::Raw,
+            })
+        };
+        match Header::new(12, Path::new("i.raw"), backing(&long)) {
+            Err(HeaderError::Name {
+                field, what, value, ..
+            }) => {
+                assert_eq!((field, what, value), ("backing file name", "size", 4096));
+            }
+            other => panic!("expected a name error, got {other:?}"),
+        }
+        match Header::new(12, Path::new(&long), backing("base.img")) {
+            Err(HeaderError::Name { field, value, .. }) => {
+                assert_eq!((field, value), ("image file name", 4096));
+            }
+            other => panic!("expected a name error, got {other:?}"),
+        }
     }
 }

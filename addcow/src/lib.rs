@@ -12,7 +12,9 @@
 //!   extent map and stream;
 //! - [`open`] and [`create`]: files, names, the backing chain and locks;
 //! - [`check`]: an offline consistency check;
-//! - [`storage`]: the positioned-I/O seam under all of it.
+//! - [`convert`]: the disk flattened into one raw file, copied in the kernel;
+//! - [`storage`]: the positioned-I/O seam under all of it;
+//! - [`iobuf`]: the scatter/gather buffers its vectored reads and writes take.
 //!
 //! ```no_run
 //! use addcow::{create, Access, AddCow, BackingFormat, BackingRef, CreateOptions};
@@ -34,16 +36,20 @@
 
 pub mod bitmap;
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod error;
 pub mod header;
 pub mod image;
+pub mod iobuf;
 pub mod open;
+mod range_lock;
 pub mod storage;
 
 pub use create::{cluster_bits_of, create, probe_format, CreateOptions, Probed};
 pub use error::{Error, Result};
 pub use header::{BackingFormat, BackingRef, Header, HeaderError};
 pub use image::{Access, AddCow, Backing, Extent, Source};
-pub use open::{open_locked, resolve_name, MAX_CHAIN_DEPTH};
-pub use storage::{FileStorage, Storage};
+pub use iobuf::{IoBufs, IoBufsMut};
+pub use open::{lock, open_checked, open_locked, resolve_name, ChainFile, FileId, MAX_CHAIN_DEPTH};
+pub use storage::{file_size, FileStorage, Storage};

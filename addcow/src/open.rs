@@ -1,41 +1,122 @@
 //! Opening an add-cow image from its path: name resolution, the backing
 //! chain (loops, depth, aliasing) and advisory locks.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::MetadataExt;
+use std::fs::{File, FileType, OpenOptions, TryLockError};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::bitmap::{bitmap_len, MAX_BITMAP_BYTES, MAX_CHAIN_BITMAP_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::header::{header_size_from_prefix, BackingFormat, Header, FIXED_HEADER_LEN};
 use crate::image::{Access, AddCow, Backing, Parts};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{file_size, FileStorage, Storage};
 
 /// Longest backing chain accepted: this many add-cow files below the top one.
 pub const MAX_CHAIN_DEPTH: usize = 16;
 
 /// Identity of a file on the host, whatever name reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
+pub struct FileId {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of an open file. A loop device is the file it is
+    /// attached to: writing one writes the other.
+    pub fn of(file: &File, path: &Path) -> Result<FileId> {
+        let meta = file.metadata().ctx(path, "stat")?;
+        if is_loop_device(&meta) {
+            if let Ok(id) = loop_backing(file) {
+                return Ok(id);
+            }
+        }
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// The major number of loop devices (Linux `LOOP_MAJOR`).
+const LOOP_MAJOR: u32 = 7;
+/// `LOOP_GET_STATUS64` of `<linux/loop.h>`.
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4c05;
+
+/// `struct loop_info64` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+fn is_loop_device(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_block_device() && libc::major(meta.rdev()) == LOOP_MAJOR
+}
+
+/// Identity of the file a loop device is attached to; `ENXIO` when it is
+/// attached to nothing.
+fn loop_backing(file: &File) -> std::io::Result<FileId> {
+    // SAFETY: all-zero bytes are a valid `LoopInfo64` (integers and arrays).
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which
+    // `info` is (repr(C), same layout), into memory it borrows mutably for
+    // the call; the descriptor is owned by `file` and open.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(FileId {
+        dev: info.lo_device,
+        ino: info.lo_inode,
+    })
+}
+
+/// A file an open image reads or writes: its name, role and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainFile {
+    /// The path it was opened by.
+    pub path: PathBuf,
+    /// "add-cow file", "image file" or "backing file".
+    pub role: &'static str,
+    /// Its identity.
+    pub id: FileId,
 }
 
 /// The files met so far while opening one chain, with their roles.
 #[derive(Debug, Default)]
 struct Chain {
-    files: Vec<(FileId, &'static str)>,
+    files: Vec<ChainFile>,
     depth: usize,
+    /// Bitmap bytes of the layers met so far.
+    bitmap_bytes: u64,
 }
 
 impl Chain {
     /// Records `file` in `role`; the same file in two roles makes the image invalid.
-    fn enter(&mut self, file: &File, role: &'static str, addcow: &Path, path: &Path) -> Result<()> {
-        let meta = file.metadata().ctx(path, "stat")?;
-        let id = FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        if let Some(&(_, first)) = self.files.iter().find(|(f, _)| *f == id) {
+    fn enter(
+        &mut self,
+        file: &File,
+        role: &'static str,
+        addcow: &Path,
+        path: &Path,
+    ) -> Result<ChainFile> {
+        let id = FileId::of(file, path)?;
+        if let Some(first) = self.files.iter().find(|f| f.id == id) {
             if role == "add-cow file" {
                 return Err(Error::ChainLoop {
                     path: path.to_path_buf(),
@@ -43,13 +124,110 @@ impl Chain {
             }
             return Err(Error::SameFile {
                 path: addcow.to_path_buf(),
-                first,
+                first: first.role,
                 second: role,
             });
         }
-        self.files.push((id, role));
-        Ok(())
+        let entry = ChainFile {
+            path: path.to_path_buf(),
+            role,
+            id,
+        };
+        self.files.push(entry.clone());
+        Ok(entry)
     }
+}
+
+/// What a file type is called in messages, unless it is one add-cow uses
+/// (a regular file or a block device).
+fn unusable_kind(kind: FileType) -> Option<&'static str> {
+    if kind.is_file() || kind.is_block_device() {
+        None
+    } else if kind.is_dir() {
+        Some("directory")
+    } else if kind.is_fifo() {
+        Some("FIFO")
+    } else if kind.is_socket() {
+        Some("socket")
+    } else if kind.is_char_device() {
+        Some("character device")
+    } else {
+        Some("special file")
+    }
+}
+
+/// Opens `path` with `options` without blocking (a FIFO would wait for a
+/// writer forever) and refuses anything but a regular file or a block device,
+/// by its name before opening and by the opened file after, and a loop
+/// device attached to no file (it would read as an empty disk).
+/// Every file of an image is opened through here.
+pub fn open_checked(path: &Path, options: &OpenOptions, op: &'static str) -> Result<File> {
+    // Opening a device can act (a watchdog arms, a tape rewinds): look first.
+    // The opened file is checked again below, whatever happens in between.
+    if let Some(kind) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| unusable_kind(m.file_type()))
+    {
+        return Err(Error::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    let mut options = options.clone();
+    let opened = options.custom_flags(libc::O_NONBLOCK).open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(source) => {
+            // A socket (or a FIFO opened for writing alone) cannot be opened at all.
+            let kind = std::fs::metadata(path)
+                .ok()
+                .and_then(|m| unusable_kind(m.file_type()));
+            return Err(match kind {
+                Some(kind) => Error::NotAFile {
+                    path: path.to_path_buf(),
+                    kind,
+                },
+                None => Error::Io {
+                    path: path.to_path_buf(),
+                    op,
+                    source,
+                },
+            });
+        }
+    };
+    let meta = file.metadata().ctx(path, "stat")?;
+    if let Some(kind) = unusable_kind(meta.file_type()) {
+        return Err(Error::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    if is_loop_device(&meta) {
+        if let Err(err) = loop_backing(&file) {
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Err(Error::LoopDetached {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+    }
+    // SAFETY: fcntl only reads and sets the status flags of a descriptor
+    // that `file` owns and keeps open for the calls.
+    let cleared = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(std::io::Error::last_os_error()).ctx(path, "fcntl");
+    }
+    Ok(file)
+}
+
+/// Options to open an existing file for `access`.
+pub(crate) fn options_for(access: Access) -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(access == Access::ReadWrite);
+    options
 }
 
 /// Resolves a name stored in `addcow`'s header: relative names are relative
@@ -67,17 +245,13 @@ pub fn resolve_name(addcow: &Path, name: &Path) -> PathBuf {
 /// Opens `path` for `access` and takes the matching advisory lock (exclusive
 /// for writers, shared for readers) without waiting.
 pub fn open_locked(path: &Path, access: Access) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(access == Access::ReadWrite)
-        .open(path)
-        .ctx(path, "open")?;
+    let file = open_checked(path, &options_for(access), "open")?;
     lock(&file, path, access)?;
     Ok(file)
 }
 
 /// Takes an exclusive (read-write) or shared (read-only) lock without waiting.
-pub(crate) fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
+pub fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
     let taken = match access {
         Access::ReadWrite => file.try_lock(),
         Access::ReadOnly => file.try_lock_shared(),
@@ -147,6 +321,7 @@ impl AddCow {
                 image_path,
                 backing,
                 access,
+                files: Vec::new(),
             },
         )
     }
@@ -160,32 +335,58 @@ fn open_in_chain(path: &Path, access: Access, chain: &mut Chain) -> Result<AddCo
         });
     }
     chain.depth += 1;
-    let meta_file = OpenOptions::new()
-        .read(true)
-        .write(access == Access::ReadWrite)
-        .open(path)
-        .ctx(path, "open")?;
-    chain.enter(&meta_file, "add-cow file", path, path)?;
+    let mut files = Vec::new();
+    let meta_file = open_checked(path, &options_for(access), "open")?;
+    files.push(chain.enter(&meta_file, "add-cow file", path, path)?);
     lock(&meta_file, path, access)?;
     let meta = FileStorage::new(meta_file);
     let header = read_header(&meta, path)?;
 
     let image_path = resolve_name(path, &header.image_name);
-    let image_file = OpenOptions::new()
-        .read(true)
-        .write(access == Access::ReadWrite)
-        .open(&image_path)
-        .ctx(&image_path, "open image file")?;
-    chain.enter(&image_file, "image file", path, &image_path)?;
+    let image_file = open_checked(&image_path, &options_for(access), "open image file")?;
+    files.push(chain.enter(&image_file, "image file", path, &image_path)?);
     lock(&image_file, &image_path, access)?;
+    if !header.all_allocated() {
+        // Counted before the layers below are opened: a hostile chain is
+        // refused before any of its bitmaps is in memory.
+        let size = file_size(&image_file).ctx(&image_path, "stat image file")?;
+        let needed = bitmap_len(size.div_ceil(header.cluster_size()));
+        chain.bitmap_bytes = chain.bitmap_bytes.saturating_add(needed);
+        if needed <= MAX_BITMAP_BYTES && chain.bitmap_bytes > MAX_CHAIN_BITMAP_BYTES {
+            return Err(Error::ChainBitmapsTooLarge {
+                path: path.to_path_buf(),
+                total: chain.bitmap_bytes,
+                max: MAX_CHAIN_BITMAP_BYTES,
+            });
+        }
+    }
 
     let backing = match &header.backing {
-        Some(backing) if !header.all_allocated() => {
+        Some(backing) if header.all_allocated() => {
+            // Not read, but it may still not be the image file or this file.
+            let backing_path = resolve_name(path, &backing.name);
+            if let Ok(file) = open_checked(&backing_path, &options_for(Access::ReadOnly), "open") {
+                let id = FileId::of(&file, &backing_path)?;
+                if let Some(first) = files.iter().find(|f| f.id == id) {
+                    return Err(Error::SameFile {
+                        path: path.to_path_buf(),
+                        first: first.role,
+                        second: "backing file",
+                    });
+                }
+            }
+            None
+        }
+        Some(backing) => {
             let backing_path = resolve_name(path, &backing.name);
             Some(match backing.format {
                 BackingFormat::Raw => {
-                    let file = File::open(&backing_path).ctx(&backing_path, "open backing file")?;
-                    chain.enter(&file, "backing file", path, &backing_path)?;
+                    let file = open_checked(
+                        &backing_path,
+                        &options_for(Access::ReadOnly),
+                        "open backing file",
+                    )?;
+                    files.push(chain.enter(&file, "backing file", path, &backing_path)?);
                     lock(&file, &backing_path, Access::ReadOnly)?;
                     let storage = FileStorage::new(file);
                     let size = storage.len().ctx(&backing_path, "stat backing file")?;
@@ -202,7 +403,7 @@ fn open_in_chain(path: &Path, access: Access, chain: &mut Chain) -> Result<AddCo
                 )?)),
             })
         }
-        _ => None,
+        None => None,
     };
 
     AddCow::from_parts(
@@ -214,6 +415,7 @@ fn open_in_chain(path: &Path, access: Access, chain: &mut Chain) -> Result<AddCo
             image_path,
             backing,
             access,
+            files,
         },
     )
 }

@@ -170,6 +170,34 @@ fn chains_deeper_than_the_limit_are_refused() {
     };
     assert!(matches!(err, Error::ChainTooDeep { max: 16, .. }), "{err}");
     assert_eq!(depth, addcow::MAX_CHAIN_DEPTH + 1);
+    // The refused create left nothing behind.
+    assert!(!dir.path().join(format!("{depth}.add-cow")).exists());
+    assert!(!dir.path().join(format!("{depth}.raw")).exists());
+}
+
+#[test]
+fn an_add_cow_file_not_padded_to_a_cluster_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 4 KiB clusters: header 4096, bitmap 32 bytes, file padded to 8192.
+    let a = make(dir.path(), "a.add-cow", "a.raw", None, 1 << 20);
+    let bytes = fs::read(&a).expect("read");
+    assert_eq!(bytes.len(), 8192);
+    // Long enough for the bitmap, but not padded.
+    fs::write(&a, &bytes[..4096 + 32]).expect("cut the padding");
+    let err = open_err(&a);
+    assert!(
+        matches!(
+            err,
+            Error::NotPadded {
+                len: 4128,
+                cluster_size: 4096,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let report = addcow::check::check(&a).expect("check runs");
+    assert!(!report.is_clean());
 }
 
 #[test]

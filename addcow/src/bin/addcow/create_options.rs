@@ -87,6 +87,8 @@ pub fn run(mut args: CreateArgs) -> Result<(), Failure> {
                 .ok_or_else(|| usage(format!("-o {pair}: expected key=value")))?;
             match key {
                 "backing_file" => merge(&mut args.backing, PathBuf::from(value), key)?,
+                // Empty: probe, as if not given (decision 6 of the format page).
+                "backing_fmt" if value.is_empty() => {}
                 "backing_fmt" => merge(&mut args.backing_fmt, value.to_string(), key)?,
                 "image_file" => merge(&mut args.image, PathBuf::from(value), key)?,
                 "image_fmt" => merge(&mut args.image_fmt, value.to_string(), key)?,
@@ -117,6 +119,9 @@ pub fn run(mut args: CreateArgs) -> Result<(), Failure> {
         Some(size) => cluster_bits_of(size)?,
         None => addcow::header::DEFAULT_CLUSTER_BITS,
     };
+    if args.backing_fmt.as_deref() == Some("") {
+        args.backing_fmt = None;
+    }
     let backing = match args.backing {
         None => {
             if let Some(fmt) = args.backing_fmt {

@@ -4,8 +4,9 @@
 mod create_options;
 mod progress;
 
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -72,6 +73,10 @@ enum Command {
         file: PathBuf,
         /// The raw file to write (created or overwritten).
         output: PathBuf,
+        /// Do not sync the output at the end (like `qemu-img convert`'s
+        /// default `-t unsafe`): faster, but a crash soon after may lose it.
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Copy every unallocated cluster from the backing chain into the image
     /// file, then mark the image all-allocated: the image file then stands alone.
@@ -89,8 +94,13 @@ struct Failure {
 
 impl From<addcow::Error> for Failure {
     fn from(err: addcow::Error) -> Self {
+        // Errors that only a command line can cause are bad arguments.
+        let status = match err {
+            addcow::Error::OutOfRange { .. } | addcow::Error::ClusterSize(_) => 2,
+            _ => 1,
+        };
         Failure {
-            status: 1,
+            status,
             message: err.to_string(),
         }
     }
@@ -104,6 +114,13 @@ fn io_failure(what: &str) -> impl Fn(io::Error) -> Failure + '_ {
 }
 
 fn main() -> ExitCode {
+    // `addcow info x | head`: like any filter, end quietly when the reader
+    // goes away (Rust ignores SIGPIPE, and `println!` then panics).
+    // SAFETY: restoring a signal's default disposition before any other
+    // thread exists touches no memory of this program.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,7 +143,11 @@ fn run(command: Command) -> Result<(), Failure> {
             length,
         } => read(&file, offset, length),
         Command::Write { file, offset } => write(&file, offset),
-        Command::Convert { file, output } => convert(&file, &output),
+        Command::Convert {
+            file,
+            output,
+            no_sync,
+        } => convert(&file, &output, !no_sync),
         Command::Stream { file } => stream(&file),
     }
 }
@@ -317,7 +338,7 @@ fn map(file: &Path, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Size of the pieces `read`, `write`, `convert` move at once.
+/// Size of the pieces `read` and `write` move at once.
 const COPY_CHUNK: u64 = 1 << 20;
 
 fn read(file: &Path, offset: u64, length: u64) -> Result<(), Failure> {
@@ -360,66 +381,90 @@ fn write(file: &Path, offset: u64) -> Result<(), Failure> {
     Ok(())
 }
 
-fn convert(file: &Path, output: &Path) -> Result<(), Failure> {
+/// Flattens `file` into `output`; with `sync`, the output is durable
+/// (fdatasync) when this returns.
+fn convert(file: &Path, output: &Path, sync: bool) -> Result<(), Failure> {
     let disk = AddCow::open(file, Access::ReadOnly)?;
-    refuse_overwriting_inputs(&disk, output)?;
-    let output_name = output.display().to_string();
-    let fail = io_failure(&output_name);
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(output)
-        .map_err(&fail)?;
+    let (out, sparse) = open_output(&disk, output)?;
+    let fail = io_failure_owned(output);
     let bar = progress::bar(disk.size(), "converting");
-    let mut buf = vec![0u8; COPY_CHUNK as usize];
-    for extent in disk.map() {
-        if extent.source == Source::Zero {
-            bar.inc(extent.length);
-            continue;
-        }
-        let end = extent.start + extent.length;
-        let mut at = extent.start;
-        while at < end {
-            let n = (end - at).min(COPY_CHUNK) as usize;
-            disk.read_at(&mut buf[..n], at)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], at).map_err(&fail)?;
-            }
-            at += n as u64;
-            bar.inc(n as u64);
-        }
+    let kind = if sparse {
+        addcow::convert::Output::Sparse
+    } else {
+        addcow::convert::Output::Dense
+    };
+    addcow::convert::convert(&disk, &out, output, kind, |n| bar.inc(n))?;
+    if sparse {
+        out.set_len(disk.size()).map_err(&fail)?;
     }
-    out.set_len(disk.size()).map_err(&fail)?;
-    out.sync_all().map_err(&fail)?;
+    if sync {
+        out.sync_all().map_err(&fail)?;
+    }
     bar.finish_and_clear();
     Ok(())
 }
 
-/// Refuses an output that is one of the files the disk reads from.
-fn refuse_overwriting_inputs(disk: &AddCow, output: &Path) -> Result<(), Failure> {
-    use std::os::unix::fs::MetadataExt;
-    let id = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-    let Some(out_id) = id(output) else {
-        return Ok(());
+/// Opens the output of `convert`, refusing any file of the disk's chain
+/// (by device and inode of the opened file, so links are caught) before
+/// anything is truncated. A missing output is created exclusively: a new
+/// file cannot be one the disk reads. The output is locked for writing, so
+/// a file another process has open (its lock) is refused too. Returns the file and whether it is a
+/// regular file (written sparse); a block device is written whole and must
+/// be large enough.
+fn open_output(disk: &AddCow, output: &Path) -> Result<(fs::File, bool), Failure> {
+    let mut existing = OpenOptions::new();
+    existing.read(true).write(true);
+    let (out, created) = match addcow::open_checked(output, &existing, "open") {
+        Ok(out) => (out, false),
+        Err(addcow::Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            let mut new = OpenOptions::new();
+            new.read(true).write(true).create_new(true);
+            (addcow::open_checked(output, &new, "create")?, true)
+        }
+        Err(err) => return Err(err.into()),
     };
-    let mut inputs = vec![disk.path().to_path_buf(), disk.image_path().to_path_buf()];
-    inputs.extend(
-        backing_chain(disk)
-            .into_iter()
-            .map(|link| PathBuf::from(link.filename)),
-    );
-    match inputs.iter().find(|input| id(input) == Some(out_id)) {
-        Some(input) => Err(Failure {
-            status: 1,
-            message: format!(
-                "{}: refusing to overwrite {}, which this disk reads from",
-                output.display(),
-                input.display()
-            ),
-        }),
-        None => Ok(()),
+    if !created {
+        let id = addcow::FileId::of(&out, output)?;
+        if let Some(input) = disk.chain_files().into_iter().find(|f| f.id == id) {
+            return Err(Failure {
+                status: 2,
+                message: format!(
+                    "{}: refusing to overwrite {}, the {} of {}'s backing chain",
+                    output.display(),
+                    input.path.display(),
+                    input.role,
+                    disk.path().display()
+                ),
+            });
+        }
+    }
+    // Not a file another process writes or reads (a running VMM's disk).
+    addcow::lock(&out, output, Access::ReadWrite)?;
+    let fail = io_failure_owned(output);
+    let is_device = out.metadata().map_err(&fail)?.file_type().is_block_device();
+    if is_device {
+        let len = addcow::file_size(&out).map_err(&fail)?;
+        if len < disk.size() {
+            return Err(Failure {
+                status: 2,
+                message: format!(
+                    "{}: the block device is {len} bytes, smaller than the {}-byte disk",
+                    output.display(),
+                    disk.size()
+                ),
+            });
+        }
+    } else {
+        out.set_len(0).map_err(&fail)?;
+    }
+    Ok((out, !is_device))
+}
+
+fn io_failure_owned(path: &Path) -> impl Fn(io::Error) -> Failure {
+    let name = path.display().to_string();
+    move |err| Failure {
+        status: 1,
+        message: format!("{name}: {err}"),
     }
 }
 

@@ -6,6 +6,10 @@
 //! ("1m"). Workloads: reads of allocated data, reads through to the backing
 //! file, first writes into unallocated clusters (COW), rewrites, and writes
 //! with a flush every 16. Each engine pair runs alternately, median of N runs.
+//!
+//! `--scale` measures a 1 TiB disk instead (see `scale.rs`).
+
+mod scale;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -28,6 +32,10 @@ struct Args {
     /// Directory for the images (default: a temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Instead of the table: the 1 TiB scale measurements (info, check,
+    /// map --json under an address-space limit; a whole-disk discard).
+    #[arg(long)]
+    scale: bool,
 }
 
 const CLUSTER: u64 = 64 << 10;
@@ -285,6 +293,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> Result<(), Fail> {
     let args = Args::parse();
     let tmp = tempfile_dir(args.dir)?;
+    if args.scale {
+        let result = scale::run(&tmp, args.runs);
+        std::fs::remove_dir_all(&tmp)?;
+        return result;
+    }
     let bench = Bench {
         dir: tmp.clone(),
         size: args.size_mib << 20,
