@@ -1,7 +1,9 @@
 //! How the VM ends: the first reason given wins, and the VMM's event loop is
-//! woken through an event fd.
+//! woken through an event fd. vCPUs check [`ExitSignal::is_set`] before
+//! every entry into the guest, so that none runs on once a reason is given.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -9,8 +11,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest reset the machine through the i8042 (Linux `reboot=k`).
+    /// The guest reset the machine through the i8042 (Linux `reboot=k`) or
+    /// the ACPI reset register.
     Reset,
+    /// The guest powered the machine off (ACPI S5, or every vCPU halted for
+    /// good: Linux's `poweroff` and `halt` without ACPI).
+    PowerOff,
+    /// The VMM received this signal (SIGTERM, SIGHUP, ...).
+    Signal(i32),
     /// The guest wrote its status to the exit port.
     Status(u8),
     /// The guest kernel panicked; the console's panic line.
@@ -19,15 +27,40 @@ pub enum VmExit {
     Shutdown(String),
     /// The VMM could not go on (KVM internal error, failed ioctl, ...).
     Failed(String),
+    /// A disk with `power-cut-after-writes` lost power after that many writes.
+    PowerCut {
+        /// The disk's path.
+        disk: std::path::PathBuf,
+        /// Write requests it completed.
+        writes: u64,
+    },
 }
 
 impl VmExit {
     /// The process exit status this reason maps to.
     pub fn status(&self) -> u8 {
         match self {
-            VmExit::Reset => 0,
+            VmExit::Reset | VmExit::PowerOff => 0,
             VmExit::Status(status) => *status,
+            // 128 + n, as a shell reports a process killed by signal n.
+            VmExit::Signal(signal) => u8::try_from(128 + signal).unwrap_or(u8::MAX),
             VmExit::Panic(_) | VmExit::Shutdown(_) | VmExit::Failed(_) => 1,
+            VmExit::PowerCut { .. } => 3,
+        }
+    }
+
+    /// The one line the VMM prints for this reason, if it prints one: none
+    /// for a clean end or a status the guest chose.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            VmExit::Reset | VmExit::PowerOff | VmExit::Status(_) => None,
+            VmExit::Signal(signal) => Some(format!("stopped by signal {signal}")),
+            VmExit::Panic(line) => Some(format!("guest panicked: {line}")),
+            VmExit::Shutdown(why) | VmExit::Failed(why) => Some(why.clone()),
+            VmExit::PowerCut { disk, writes } => Some(format!(
+                "power cut on disk {} after {writes} writes",
+                disk.display()
+            )),
         }
     }
 }
@@ -36,6 +69,7 @@ impl VmExit {
 #[derive(Debug)]
 pub struct ExitSignal {
     event: EventFd,
+    set: AtomicBool,
     reason: Mutex<Option<VmExit>>,
     panic_line: Mutex<Option<String>>,
 }
@@ -45,6 +79,7 @@ impl ExitSignal {
     pub fn new() -> io::Result<Self> {
         Ok(ExitSignal {
             event: EventFd::new(EFD_NONBLOCK)?,
+            set: AtomicBool::new(false),
             reason: Mutex::new(None),
             panic_line: Mutex::new(None),
         })
@@ -61,8 +96,15 @@ impl ExitSignal {
         if slot.is_none() {
             *slot = Some(reason);
         }
+        self.set.store(true, Ordering::SeqCst);
         // A full counter still wakes the loop; nothing else can be done here.
         let _ = self.event.write(1);
+    }
+
+    /// Whether a reason was given: cheap enough to ask before every guest
+    /// entry.
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
     }
 
     /// Records that the console printed a kernel panic: the reset that
@@ -102,11 +144,34 @@ mod tests {
     fn first_reason_wins_and_wakes_the_loop() -> io::Result<()> {
         let exit = ExitSignal::new()?;
         assert_eq!(exit.reason(), None);
+        assert!(!exit.is_set());
         exit.signal(VmExit::Status(3));
+        assert!(exit.is_set());
         exit.signal(VmExit::Reset);
         assert_eq!(exit.reason(), Some(VmExit::Status(3)));
         assert_eq!(exit.event().read()?, 2);
         Ok(())
+    }
+
+    #[test]
+    fn statuses_and_messages() {
+        let cases = [
+            (VmExit::Reset, 0, None),
+            (VmExit::PowerOff, 0, None),
+            (VmExit::Status(7), 7, None),
+            (VmExit::Signal(15), 143, Some("stopped by signal 15")),
+            (VmExit::Signal(1), 129, Some("stopped by signal 1")),
+            (
+                VmExit::Panic("boom".into()),
+                1,
+                Some("guest panicked: boom"),
+            ),
+            (VmExit::Failed("KVM_RUN: x".into()), 1, Some("KVM_RUN: x")),
+        ];
+        for (reason, status, message) in cases {
+            assert_eq!(reason.status(), status, "{reason:?}");
+            assert_eq!(reason.message().as_deref(), message, "{reason:?}");
+        }
     }
 
     #[test]

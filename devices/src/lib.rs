@@ -6,10 +6,14 @@
 //! ioeventfd).
 //!
 //! - [`legacy`]: the 8250 serial console, the i8042 reset line and the exit port;
+//! - [`acpi`]: the ACPI sleep and reset registers (power-off and reset);
 //! - [`virtio`]: the virtio-mmio transport and the virtio-blk device;
-//! - [`exit`]: how any of them (or a vCPU) asks the VMM to stop, and why.
+//! - [`exit`]: how any of them (or a vCPU) asks the VMM to stop, and why;
+//! - [`log_limit`]: rate-limited log lines for what a guest can repeat.
 
+pub mod acpi;
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod log_limit;
 pub mod virtio;

@@ -2,66 +2,42 @@
 //! drains its queue when the guest notifies it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::DiskBackend;
-use super::request::{serve, Disk, ID_LEN, SECTOR_SIZE};
+use super::config::{features, BlockConfig};
+use super::request::{serve, Disk, ID_LEN};
+use crate::log_limit::LogLimit;
+use crate::virtio::queue::{drain, BadHead, Drained};
 use crate::virtio::{
-    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    ActivateError, Activation, ConfigSpace, Interrupt, VirtioDevice, INT_USED_RING,
+    VIRTIO_RING_F_EVENT_IDX,
 };
-
-/// Feature bits (virtio 1.x, 5.2.3).
-const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
-const VIRTIO_BLK_F_RO: u32 = 5;
-const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
-const VIRTIO_BLK_F_FLUSH: u32 = 9;
-const VIRTIO_BLK_F_DISCARD: u32 = 13;
-const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Most data segments in one request (the queue minus header and status).
-const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Most sectors in one DISCARD or WRITE_ZEROES segment.
-const MAX_ZERO_SECTORS: u32 = 1 << 16;
 
 /// A virtio-blk device.
 pub struct Block {
     disk: Box<dyn DiskBackend>,
     read_only: bool,
     id: [u8; ID_LEN],
-    config: Vec<u8>,
+    config: Arc<BlockConfig>,
     queue_event: EventFd,
     interrupt: Arc<Interrupt>,
     active: Option<(GuestMemoryMmap, Queue)>,
     /// A broken ring (bad head index, avail index out of range) was reported
     /// since activation: a guest that keeps doing it must not flood the log.
     reported_bad_ring: bool,
-}
-
-/// The configuration space (struct virtio_blk_config) for a disk.
-fn config_space(capacity_sectors: u64) -> Vec<u8> {
-    let mut c = vec![0u8; 60];
-    c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-    // num_queues
-    c[34..36].copy_from_slice(&1u16.to_le_bytes());
-    // max_discard_sectors, max_discard_seg, discard_sector_alignment
-    c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-    c[40..44].copy_from_slice(&1u32.to_le_bytes());
-    c[44..48].copy_from_slice(&1u32.to_le_bytes());
-    // max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap
-    c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
-    c[52..56].copy_from_slice(&1u32.to_le_bytes());
-    c[56] = 1;
-    c
+    /// Host I/O errors are logged, but not a line per failing request.
+    host_errors: LogLimit,
 }
 
 impl Block {
@@ -72,7 +48,7 @@ impl Block {
         id: [u8; ID_LEN],
         irq: EventFd,
     ) -> std::io::Result<Self> {
-        let config = config_space(disk.size() / SECTOR_SIZE);
+        let config = Arc::new(BlockConfig::new(disk.size(), disk.discard_alignment()));
         Ok(Block {
             disk,
             read_only,
@@ -82,11 +58,12 @@ impl Block {
             interrupt: Arc::new(Interrupt::new(irq)),
             active: None,
             reported_bad_ring: false,
+            host_errors: LogLimit::new(10, Duration::from_secs(5)),
         })
     }
 
-    /// Serves every available request, then interrupts the guest if it
-    /// asked to be told (EVENT_IDX).
+    /// Serves every available request, interrupting the guest after each
+    /// one it wants to hear of (EVENT_IDX, or the avail ring's flags).
     pub fn process_queue(&mut self) {
         let Some((mem, queue)) = &mut self.active else {
             return;
@@ -94,68 +71,63 @@ impl Block {
         let disk = Disk {
             backend: self.disk.as_ref(),
             read_only: self.read_only,
+            write_through: self.config.write_through(),
             id: &self.id,
         };
+        let interrupt = &self.interrupt;
+        let host_errors = &mut self.host_errors;
+        let mut bad_head = None;
         // A guest can make this loop endless (requests whose data lands on
-        // the rings keep the avail index ahead), so one pass serves at most a
-        // queue's worth and then yields to the event loop, which comes back.
-        let reported = &mut self.reported_bad_ring;
-        let mut report = |what: String| {
-            if !std::mem::replace(reported, true) {
-                eprintln!("vmm: virtio-blk: {what}; ignoring such requests");
-            }
-        };
-        let mut budget = usize::from(QUEUE_SIZE);
-        let mut yielded = false;
-        'passes: loop {
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            let mut served = 0;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                if budget == 0 {
-                    // Not served yet: step back so the next pass takes it.
-                    queue.go_to_previous_position();
-                    yielded = true;
-                    break 'passes;
+        // the rings keep the avail index ahead), so one call serves at most
+        // a queue's worth and then yields to the event loop, which comes back.
+        let drained = drain(
+            queue,
+            mem,
+            usize::from(QUEUE_SIZE),
+            |chain| {
+                // None: the disk lost power, nothing more completes.
+                let outcome = serve(chain, mem, &disk)?;
+                if let Some(err) = outcome.host_error {
+                    host_errors.eprint(&format!("vmm: virtio-blk: {err}"));
                 }
-                budget -= 1;
-                served += 1;
-                let head = chain.head_index();
-                let len = serve(chain, mem, &disk);
-                if queue.add_used(mem, head, len).is_err() {
-                    report(format!(
-                        "the guest offered descriptor {head}, outside the queue"
-                    ));
+                Some(outcome.used_len)
+            },
+            || {
+                if let Err(e) = interrupt.trigger(INT_USED_RING) {
+                    eprintln!("vmm: virtio-blk: cannot raise the interrupt: {e}");
                 }
-            }
-            // Requests that arrived while notifications were off.
-            match queue.enable_notification(mem) {
-                Ok(true) if served > 0 => continue,
-                // More is announced but nothing could be taken: the avail
-                // index is out of range, until the driver resets the device.
-                Ok(true) => {
-                    report("the guest's avail index is out of range".to_string());
-                    break;
-                }
-                _ => break,
-            }
+            },
+            |BadHead(head)| bad_head = Some(head),
+            |_| {},
+        );
+        if let Some(head) = bad_head {
+            self.report_bad_ring(&format!(
+                "the guest offered descriptor {head}, outside the queue"
+            ));
         }
-        if yielded {
-            // The counter wakes the event loop again after other events.
-            if let Err(e) = self.queue_event.write(1) {
-                eprintln!("vmm: virtio-blk: cannot re-arm the queue event: {e}");
+        match drained {
+            Drained::Empty | Drained::Stopped => {}
+            Drained::Yielded => {
+                // The counter wakes the event loop again after other events.
+                if let Err(e) = self.queue_event.write(1) {
+                    eprintln!("vmm: virtio-blk: cannot re-arm the queue event: {e}");
+                }
             }
-        }
-        if queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = self.interrupt.trigger(INT_USED_RING) {
-                eprintln!("vmm: virtio-blk: cannot raise the interrupt: {e}");
+            Drained::BadAvailIndex => {
+                self.report_bad_ring("the guest's avail index is out of range")
+            }
+            Drained::RingInaccessible => {
+                self.report_bad_ring("the guest's rings are not in guest memory")
             }
         }
     }
-}
 
-impl Block {
+    fn report_bad_ring(&mut self, what: &str) {
+        if !std::mem::replace(&mut self.reported_bad_ring, true) {
+            eprintln!("vmm: virtio-blk: {what}; ignoring such requests");
+        }
+    }
+
     /// Makes everything the guest wrote durable, as a clean power-off does:
     /// the VMM calls it when the VM stops.
     pub fn flush(&self) -> Result<(), super::backend::BackendError> {
@@ -165,24 +137,11 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn features(&self) -> u64 {
-        let mut bits = vec![
-            VIRTIO_F_VERSION_1,
-            VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_RING_F_INDIRECT_DESC,
-            VIRTIO_BLK_F_SEG_MAX,
-            VIRTIO_BLK_F_BLK_SIZE,
-            VIRTIO_BLK_F_FLUSH,
-        ];
-        if self.read_only {
-            bits.push(VIRTIO_BLK_F_RO);
-        } else {
-            bits.extend([VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES]);
-        }
-        bits.iter().fold(0, |acc, bit| acc | (1u64 << bit))
+        features(self.read_only)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -197,13 +156,12 @@ impl VirtioDevice for Block {
         &self.interrupt
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+    fn config_space(&self) -> Arc<dyn ConfigSpace> {
+        self.config.clone()
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // Nothing in virtio-blk's configuration is writable here (no
-        // writeback toggle is offered).
+    fn features_ok(&mut self, acked: u64) {
+        self.config.negotiate(acked);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -226,8 +184,15 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn stop_queue(&mut self, index: usize) {
+        if index == 0 {
+            self.active = None;
+        }
+    }
+
     fn reset(&mut self) {
         self.active = None;
+        self.config.reset();
     }
 }
 
@@ -246,16 +211,21 @@ impl MutEventSubscriber for Block {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+
+    use crate::virtio::block::backend::BackendError;
     use crate::virtio::block::request::tests::{
         desc, guest_memory, write_header, MemDisk, DATA, F_WRITE, HEADER, STATUS,
     };
     use crate::virtio::block::request::{status, types};
+    use crate::virtio::VIRTIO_F_VERSION_1;
 
     fn block(disk: MemDisk) -> Block {
         Block::new(
@@ -372,6 +342,148 @@ mod tests {
             .expect("used idx");
         assert_eq!(used_idx, 0, "nothing served");
         assert!(dev.reported_bad_ring);
+    }
+
+    /// A MemDisk shared with the test, which keeps looking at its counters.
+    pub(crate) struct Shared(pub(crate) Arc<MemDisk>);
+
+    impl DiskBackend for Shared {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
+            self.0.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<(), BackendError> {
+            self.0.flush()
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
+            self.0.write_zeroes(offset, len, unmap)
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+            self.0.discard(offset, len)
+        }
+        fn discard_alignment(&self) -> u64 {
+            self.0.discard_alignment()
+        }
+    }
+
+    fn shared_block(disk: &Arc<MemDisk>) -> Block {
+        Block::new(
+            Box::new(Shared(disk.clone())),
+            false,
+            [b'x'; ID_LEN],
+            EventFd::new(EFD_NONBLOCK).expect("irq"),
+        )
+        .expect("block")
+    }
+
+    /// Publishes one request chain at descriptor `at` (NEXT flags and links
+    /// set), as a driver does: descriptors, then the avail ring and index.
+    pub(crate) fn publish(
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+        at: u16,
+        descs: &[RawDescriptor],
+    ) {
+        let n = descs.len();
+        let linked: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = SplitDescriptor::from(*d);
+                let (flags, next) = if i + 1 == n {
+                    (d.flags() & !1, 0)
+                } else {
+                    (d.flags() | 1, at + i as u16 + 1)
+                };
+                RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next))
+            })
+            .collect();
+        mock.add_desc_chains(&linked, at).expect("publish");
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
+        mem.read_obj(GuestAddress(mock.used_addr().0 + 2))
+            .expect("used idx")
+    }
+
+    /// A 512-byte write of sector 0, with its header at `header`.
+    pub(crate) fn write_request(mem: &GuestMemoryMmap, header: u64) -> Vec<RawDescriptor> {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&types::OUT.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(header)).expect("header");
+        vec![
+            desc(header, 16, 0),
+            desc(DATA, 512, 0),
+            desc(STATUS, 1, F_WRITE),
+        ]
+    }
+
+    /// virtio 1.2, 5.2.6.2 (Device Operation, device requirements): a write
+    /// is stable once completed when "neither VIRTIO_BLK_F_CONFIG_WCE nor
+    /// VIRTIO_BLK_F_FLUSH feature were negotiated, but VIRTIO_BLK_F_FLUSH was
+    /// offered by the device", and "the device MUST ensure that stable
+    /// writes are committed to it, before reporting completion". With FLUSH
+    /// negotiated the guest's FLUSH does it, and nothing else syncs.
+    #[test]
+    fn writes_are_synced_before_completion_unless_flush_is_negotiated() {
+        for (acked, syncs) in [(0u64, 1usize), (1 << VIRTIO_BLK_F_FLUSH, 0)] {
+            let mem = guest_memory();
+            let mock = MockSplitQueue::new(&mem, 16);
+            let disk = Arc::new(MemDisk::new(4096));
+            let mut dev = shared_block(&disk);
+            assert_ne!(dev.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
+            publish(&mock, 0, &write_request(&mem, HEADER));
+            dev.features_ok(acked | (1 << VIRTIO_F_VERSION_1));
+            dev.activate(Activation {
+                mem: mem.clone(),
+                queues: vec![mock.create_queue().expect("queue")],
+                acked_features: acked | (1 << VIRTIO_F_VERSION_1),
+            })
+            .expect("activate");
+            dev.process_queue();
+            assert_eq!(used_idx(&mem, &mock), 1);
+            assert_eq!(
+                disk.flushes.load(std::sync::atomic::Ordering::SeqCst),
+                syncs,
+                "acked features {acked:#x}"
+            );
+        }
+    }
+
+    /// virtio 1.2, 2.7.7.2 (used buffer notification suppression, device
+    /// requirements): without VIRTIO_F_EVENT_IDX, "if flags is 1, the device
+    /// SHOULD NOT send a notification"; and 4.2.2.1 (MMIO device
+    /// requirements): InterruptStatus bits "which do not represent events
+    /// which took place MUST be zero", so a pass that used nothing must not
+    /// interrupt.
+    #[test]
+    fn interrupts_only_for_used_buffers_the_driver_wants_to_hear_of() {
+        let mem = guest_memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut dev = block(MemDisk::new(4096));
+        activate(&mut dev, &mem, mock.create_queue().expect("queue"), false);
+        // A stale kick: nothing to serve, nothing to tell.
+        dev.process_queue();
+        assert_eq!(dev.interrupt().status(), 0, "no used buffer, no interrupt");
+        assert!(dev.interrupt().irq().read().is_err(), "irq not raised");
+        // The driver suppresses interrupts (VRING_AVAIL_F_NO_INTERRUPT).
+        mem.write_obj(1u16.to_le(), mock.avail_addr())
+            .expect("avail flags");
+        publish(&mock, 0, &write_request(&mem, HEADER));
+        dev.process_queue();
+        assert_eq!(used_idx(&mem, &mock), 1);
+        assert!(dev.interrupt().irq().read().is_err(), "suppressed");
+        // And wants them again.
+        mem.write_obj(0u16.to_le(), mock.avail_addr())
+            .expect("avail flags");
+        publish(&mock, 3, &write_request(&mem, HEADER));
+        dev.process_queue();
+        assert_eq!(used_idx(&mem, &mock), 2);
+        assert_eq!(dev.interrupt().irq().read().expect("raised"), 1);
     }
 
     proptest! {

@@ -6,49 +6,87 @@
 //! `Reader` and `Writer`, so any split of these bytes across descriptors is
 //! accepted, and anything outside guest memory, a missing header or status,
 //! a loop or an over-long chain becomes an error status, never a panic.
+//!
+//! Every limit the device advertises in its configuration space ([`limits`])
+//! is enforced here, so that one request can only cause a bounded amount of
+//! work: at most `SEG_MAX` data descriptors, one DISCARD or WRITE_ZEROES
+//! segment of at most 4 GiB.
+//!
+//! The data of a READ or WRITE moves between guest memory and the backend
+//! without a buffer in between: the data descriptors become a list of
+//! pieces of guest memory ([`addcow::IoBufsMut`] / [`addcow::IoBufs`]) that
+//! the backend hands to `preadv`/`pwritev`, as Firecracker and Cloud
+//! Hypervisor do.
 
 use std::io::{Read, Write};
 
+use addcow::{IoBufs, IoBufsMut};
+use virtio_bindings::virtio_blk;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
-use super::backend::DiskBackend;
+use super::backend::{DiskBackend, Fate, Op, Served, Status};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the serial returned by GET_ID.
-pub const ID_LEN: usize = 20;
+pub const ID_LEN: usize = virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
-/// Request types (virtio 1.x, 5.2.6).
+/// Request types (virtio 1.2, 5.2.6).
 pub mod types {
+    use virtio_bindings::virtio_blk;
+
     /// Read.
-    pub const IN: u32 = 0;
+    pub const IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
     /// Write.
-    pub const OUT: u32 = 1;
+    pub const OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
     /// Flush the write cache.
-    pub const FLUSH: u32 = 4;
+    pub const FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
     /// Device serial.
-    pub const GET_ID: u32 = 8;
+    pub const GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
     /// Discard sectors.
-    pub const DISCARD: u32 = 11;
+    pub const DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
     /// Write zeroes.
-    pub const WRITE_ZEROES: u32 = 13;
+    pub const WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
 }
 
-/// Completion statuses.
+/// Completion statuses (virtio 1.2, 5.2.6).
 pub mod status {
+    use virtio_bindings::virtio_blk;
+
     /// Success.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
     /// Device or driver error.
-    pub const IOERR: u8 = 1;
+    pub const IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
     /// Request type not supported.
-    pub const UNSUPP: u8 = 2;
+    pub const UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
-/// Largest piece of data staged at once between guest memory and the disk.
-const STAGE_LEN: usize = 1 << 20;
+/// The limits advertised in the configuration space, and enforced.
+pub mod limits {
+    use crate::virtio::block::device::QUEUE_SIZE;
+
+    /// Most data descriptors in one request: the queue minus header and status.
+    pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+    /// Most sectors in one DISCARD segment (4 GiB): more than a Linux bio
+    /// carries (`UINT_MAX` bytes), so the guest's own limit splits a
+    /// whole-disk discard (mkfs, blkdiscard) into 4 GiB requests, not 32 MiB
+    /// ones. The backends' cost is in runs of clusters, not in bytes, and
+    /// `sector * 512` of a u32 count cannot overflow (the range is checked).
+    pub const MAX_DISCARD_SECTORS: u32 = 1 << 23;
+    /// Segments in one DISCARD request.
+    pub const MAX_DISCARD_SEG: u32 = 1;
+    /// Most sectors in one WRITE_ZEROES segment (4 GiB, as for DISCARD).
+    pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 23;
+    /// Segments in one WRITE_ZEROES request.
+    pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+}
+
 /// Length of one DISCARD/WRITE_ZEROES segment.
 const SEGMENT_LEN: usize = 16;
+/// The one defined flag of a DISCARD/WRITE_ZEROES segment.
+const FLAG_UNMAP: u32 = virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 /// What a device needs to serve requests.
 pub struct Disk<'a> {
@@ -56,11 +94,24 @@ pub struct Disk<'a> {
     pub backend: &'a dyn DiskBackend,
     /// Writes are refused.
     pub read_only: bool,
+    /// Writes must be stable before they complete (no write cache: FLUSH
+    /// not negotiated, or `writeback` set to 0).
+    pub write_through: bool,
     /// GET_ID answer.
     pub id: &'a [u8; ID_LEN],
 }
 
-/// Why a request failed, for the log line.
+/// What serving one chain produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The used length: the bytes written from the start of the
+    /// device-writable part (see [`serve`]).
+    pub used_len: u32,
+    /// A host I/O error, for the device's (rate-limited) log.
+    pub host_error: Option<String>,
+}
+
+/// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
     #[error("malformed request: {0}")]
@@ -75,59 +126,132 @@ enum RequestError {
     GuestMemory(std::io::Error),
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    #[error("unsupported segment flags {0:#x}")]
+    UnsupportedFlags(u32),
+    #[error("{0} segments where one is supported")]
+    TooManySegments(usize),
+    #[error("{0} sectors in one segment, more than advertised")]
+    TooManySectors(u32),
+    #[error("{0} descriptors, more than seg_max allows")]
+    TooManyDescriptors(usize),
 }
 
 impl RequestError {
+    /// The status byte (virtio 1.2, 5.2.6.2): unknown types and flags are
+    /// UNSUPP, and so (as in QEMU) is a segment count over the maximum.
     fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) => status::UNSUPP,
+            RequestError::Unsupported(_)
+            | RequestError::UnsupportedFlags(_)
+            | RequestError::TooManySegments(_) => status::UNSUPP,
             _ => status::IOERR,
         }
     }
 }
 
-/// Serves one chain; returns the number of bytes written into the
-/// device-writable part (0 when there is not even a status byte to write).
+/// Serves one chain.
+///
+/// The used length is what virtio 1.2, 2.7.8.1 asks ("The device MUST write
+/// at least len bytes to descriptor, beginning at the first device-writable
+/// buffer"): the data and the status byte when the data part was written
+/// whole, the data written alone when unwritten bytes separate it from the
+/// status (GET_ID into a longer buffer, a read that failed), 0 when there is
+/// no place for a status. For every well-formed request this is QEMU's
+/// value (QEMU reports the whole device-writable length in all cases).
+///
+/// `None` means the request must never complete: the disk lost power
+/// (`power-cut-after-writes`), and the device stops serving.
 pub fn serve(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
     disk: &Disk<'_>,
-) -> u32 {
+) -> Option<Outcome> {
+    let nothing = Some(Outcome {
+        used_len: 0,
+        host_error: None,
+    });
+    let descriptors = chain.clone().count();
     let Ok(mut writer) = chain.clone().writer(mem) else {
-        return 0;
+        return nothing;
     };
     let Some(data_len) = writer.available_bytes().checked_sub(1) else {
-        return 0;
+        return nothing;
     };
     let Ok(mut status_writer) = writer.split_at(data_len) else {
-        return 0;
+        return nothing;
     };
-    let result = match chain.reader(mem) {
-        Ok(mut reader) => execute(&mut reader, &mut writer, disk),
-        Err(_) => Err(RequestError::Malformed(
-            "device-readable descriptors outside guest memory",
-        )),
+    // Data bytes of the device-writable part written straight to guest
+    // memory (a READ), which the writer does not count.
+    let mut direct = 0;
+    let mut served = Served {
+        op: Op::Unsupported,
+        sector: 0,
+        sectors: 0,
+        status: Status::Ok,
     };
-    let status = match result {
-        Ok(()) => status::OK,
-        Err(err) => {
-            if matches!(err, RequestError::Host(_)) {
-                eprintln!("vmm: virtio-blk: {err}");
-            }
-            err.status()
+    let result = if descriptors > limits::SEG_MAX as usize + 2 {
+        Err(RequestError::TooManyDescriptors(descriptors))
+    } else {
+        match chain.clone().reader(mem) {
+            Ok(mut reader) => execute(
+                &chain,
+                mem,
+                Parts {
+                    reader: &mut reader,
+                    writer: &mut writer,
+                    direct: &mut direct,
+                },
+                disk,
+                &mut served,
+            ),
+            Err(_) => Err(RequestError::Malformed(
+                "device-readable descriptors outside guest memory",
+            )),
         }
     };
-    if status_writer.write_all(&[status]).is_err() {
-        return 0;
+    let (status, host_error) = match result {
+        Ok(()) => (status::OK, None),
+        Err(err) => {
+            let host = matches!(err, RequestError::Host(_)).then(|| err.to_string());
+            (err.status(), host)
+        }
+    };
+    served.status = match status {
+        status::OK => Status::Ok,
+        status::UNSUPP => Status::Unsupp,
+        _ => Status::IoErr,
+    };
+    if disk.backend.served(&served) == Fate::Lost {
+        return None;
     }
-    (writer.bytes_written() + 1) as u32
+    if status_writer.write_all(&[status]).is_err() {
+        return Some(Outcome {
+            used_len: 0,
+            host_error,
+        });
+    }
+    let written = writer.bytes_written() + direct;
+    let used_len = if written == data_len {
+        written + 1
+    } else {
+        written
+    };
+    Some(Outcome {
+        used_len: u32::try_from(used_len).unwrap_or(u32::MAX),
+        host_error,
+    })
 }
 
-fn check_range(disk: &Disk<'_>, sector: u64, len: u64) -> Result<u64, RequestError> {
+/// The byte offset of a sector range inside the disk, once the backend's
+/// layers admitted it.
+fn check_range(disk: &Disk<'_>, op: Op, sector: u64, len: u64) -> Result<u64, RequestError> {
     let size = disk.backend.size();
     let offset = sector.checked_mul(SECTOR_SIZE);
     match offset {
-        Some(offset) if offset.checked_add(len).is_some_and(|end| end <= size) => Ok(offset),
+        Some(offset) if offset.checked_add(len).is_some_and(|end| end <= size) => {
+            disk.backend.admit(op, offset, len).map_err(host)?;
+            Ok(offset)
+        }
         _ => Err(RequestError::OutOfRange {
             offset: offset.unwrap_or(u64::MAX),
             len,
@@ -140,19 +264,105 @@ fn host(err: super::backend::BackendError) -> RequestError {
     RequestError::Host(err.to_string())
 }
 
+/// Completes a write the way the cache mode asks: in writethrough mode the
+/// data is synced before the request completes (virtio 1.2, 5.2.6.2).
+fn stable(disk: &Disk<'_>) -> Result<(), RequestError> {
+    if disk.write_through {
+        disk.backend.flush().map_err(host)?;
+    }
+    Ok(())
+}
+
+fn le_u32(bytes: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[..4]);
+    u32::from_le_bytes(b)
+}
+
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// The guest memory of a request's data, in order: the device-writable
+/// bytes (`writable`) or the device-readable ones, less the first `skip`
+/// bytes, `len` bytes in all. A descriptor outside guest memory is an error.
+fn data_slices<'m>(
+    chain: &DescriptorChain<&'m GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+    writable: bool,
+    skip: usize,
+    len: usize,
+) -> Result<Vec<VolatileSlice<'m>>, RequestError> {
+    let (descriptors, access) = if writable {
+        (chain.clone().writable(), Permissions::Write)
+    } else {
+        (chain.clone().readable(), Permissions::Read)
+    };
+    let outside = || {
+        RequestError::GuestMemory(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a data descriptor is outside guest memory",
+        ))
+    };
+    let (mut skip, mut left) = (skip, len);
+    let mut slices = Vec::new();
+    for desc in descriptors {
+        if left == 0 {
+            break;
+        }
+        let pieces = mem
+            .get_slices(desc.addr(), desc.len() as usize, access)
+            .map_err(|_| outside())?;
+        for piece in pieces {
+            let piece = piece.map_err(|_| outside())?;
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
+            let take = (piece.len() - skip).min(left);
+            slices.push(piece.subslice(skip, take).map_err(|_| outside())?);
+            skip = 0;
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    if left > 0 {
+        return Err(outside());
+    }
+    Ok(slices)
+}
+
+/// The reader, the writer and the count of data written past the writer.
+struct Parts<'r, 'm> {
+    reader: &'r mut virtio_queue::Reader<'m>,
+    writer: &'r mut virtio_queue::Writer<'m>,
+    direct: &'r mut usize,
+}
+
 fn execute(
-    reader: &mut virtio_queue::Reader<'_>,
-    writer: &mut virtio_queue::Writer<'_>,
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    parts: Parts<'_, '_>,
     disk: &Disk<'_>,
+    served: &mut Served,
 ) -> Result<(), RequestError> {
+    let Parts {
+        reader,
+        writer,
+        direct,
+    } = parts;
     let mut header = [0u8; 16];
     reader
         .read_exact(&mut header)
         .map_err(|_| RequestError::Malformed("header shorter than 16 bytes"))?;
-    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let mut sector_bytes = [0u8; 8];
-    sector_bytes.copy_from_slice(&header[8..16]);
-    let sector = u64::from_le_bytes(sector_bytes);
+    let kind = le_u32(&header[0..4]);
+    let sector = le_u64(&header[8..16]);
+    served.op = op_of(kind);
+    served.sector = sector;
     let writes = matches!(kind, types::OUT | types::DISCARD | types::WRITE_ZEROES);
     if writes && disk.read_only {
         return Err(RequestError::ReadOnly);
@@ -163,19 +373,31 @@ fn execute(
             if !(len as u64).is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed("read length not a multiple of 512"));
             }
-            let offset = check_range(disk, sector, len as u64)?;
-            let mut stage = vec![0u8; len.min(STAGE_LEN)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(STAGE_LEN);
-                disk.backend
-                    .read_at(&mut stage[..n], offset + done as u64)
-                    .map_err(host)?;
-                writer
-                    .write_all(&stage[..n])
-                    .map_err(RequestError::GuestMemory)?;
-                done += n;
+            served.sectors = len as u64 / SECTOR_SIZE;
+            let offset = check_range(disk, Op::Read, sector, len as u64)?;
+            let slices = data_slices(chain, mem, true, 0, len)?;
+            // Kept until the read is done: they keep a mapping that needs
+            // one (Xen) in place; a plain mmap needs none.
+            let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
+            let mut bufs = IoBufsMut::new();
+            for guard in &guards {
+                // SAFETY: the slice is guest memory that `mem` keeps mapped
+                // and writable while borrowed, which outlives `bufs`; the
+                // data descriptors of one request may overlap each other
+                // (a guest's choice: the bytes there are then the last
+                // written), but nothing in the VMM holds a Rust reference
+                // to guest memory. The guest may access it concurrently,
+                // which only makes what it sees of a read in progress
+                // unspecified.
+                unsafe { bufs.push_raw(guard.as_ptr(), guard.len()) };
             }
+            disk.backend
+                .read_vectored_at(&mut bufs, offset)
+                .map_err(host)?;
+            for slice in &slices {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+            *direct = len;
             Ok(())
         }
         types::OUT => {
@@ -185,22 +407,27 @@ fn execute(
                     "write length not a multiple of 512",
                 ));
             }
-            let offset = check_range(disk, sector, len as u64)?;
-            let mut stage = vec![0u8; len.min(STAGE_LEN)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(STAGE_LEN);
-                reader
-                    .read_exact(&mut stage[..n])
-                    .map_err(RequestError::GuestMemory)?;
-                disk.backend
-                    .write_at(&stage[..n], offset + done as u64)
-                    .map_err(host)?;
-                done += n;
+            served.sectors = len as u64 / SECTOR_SIZE;
+            let offset = check_range(disk, Op::Write, sector, len as u64)?;
+            let slices = data_slices(chain, mem, false, reader.bytes_read(), len)?;
+            let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard).collect();
+            let mut bufs = IoBufs::new();
+            for guard in &guards {
+                // SAFETY: the slice is guest memory that `mem` keeps mapped
+                // and readable while borrowed, which outlives `bufs`, and
+                // nothing in the VMM holds a `&mut` to guest memory. A guest
+                // changing it meanwhile only changes what is written.
+                unsafe { bufs.push_raw(guard.as_ptr(), guard.len()) };
             }
-            Ok(())
+            disk.backend
+                .write_vectored_at(&bufs, offset)
+                .map_err(host)?;
+            stable(disk)
         }
-        types::FLUSH => disk.backend.flush().map_err(host),
+        types::FLUSH => {
+            disk.backend.admit(Op::Flush, 0, 0).map_err(host)?;
+            disk.backend.flush().map_err(host)
+        }
         types::GET_ID => {
             let n = writer.available_bytes().min(ID_LEN);
             writer
@@ -208,25 +435,79 @@ fn execute(
                 .map_err(RequestError::GuestMemory)
         }
         types::DISCARD | types::WRITE_ZEROES => {
-            if reader.available_bytes() < SEGMENT_LEN {
-                return Err(RequestError::Malformed("no discard/write-zeroes segment"));
-            }
-            while reader.available_bytes() >= SEGMENT_LEN {
-                let mut segment = [0u8; SEGMENT_LEN];
-                reader
-                    .read_exact(&mut segment)
-                    .map_err(RequestError::GuestMemory)?;
-                let mut first = [0u8; 8];
-                first.copy_from_slice(&segment[..8]);
-                let sectors =
-                    u32::from_le_bytes([segment[8], segment[9], segment[10], segment[11]]);
-                let len = u64::from(sectors) * SECTOR_SIZE;
-                let offset = check_range(disk, u64::from_le_bytes(first), len)?;
-                disk.backend.write_zeroes(offset, len).map_err(host)?;
-            }
-            Ok(())
+            discard_or_write_zeroes(reader, disk, kind == types::DISCARD, served)
         }
         other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+/// DISCARD and WRITE_ZEROES (virtio 1.2, 5.2.6): one segment (sector,
+/// num_sectors, flags), checked against the advertised limits and the
+/// spec's flag rules before anything is done.
+fn discard_or_write_zeroes(
+    reader: &mut virtio_queue::Reader<'_>,
+    disk: &Disk<'_>,
+    discard: bool,
+    served: &mut Served,
+) -> Result<(), RequestError> {
+    let (max_seg, max_sectors) = if discard {
+        (limits::MAX_DISCARD_SEG, limits::MAX_DISCARD_SECTORS)
+    } else {
+        (
+            limits::MAX_WRITE_ZEROES_SEG,
+            limits::MAX_WRITE_ZEROES_SECTORS,
+        )
+    };
+    let len = reader.available_bytes();
+    if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
+        return Err(RequestError::Malformed(
+            "discard/write-zeroes data is not whole 16-byte segments",
+        ));
+    }
+    let segments = len / SEGMENT_LEN;
+    if segments > max_seg as usize {
+        return Err(RequestError::TooManySegments(segments));
+    }
+    let mut segment = [0u8; SEGMENT_LEN];
+    reader
+        .read_exact(&mut segment)
+        .map_err(RequestError::GuestMemory)?;
+    let sector = le_u64(&segment[0..8]);
+    let sectors = le_u32(&segment[8..12]);
+    let flags = le_u32(&segment[12..16]);
+    // "The device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for
+    // discard, secure erase and write zeroes commands if any unknown flag is
+    // set. Furthermore, ... for discard commands if the unmap flag is set."
+    if flags & !FLAG_UNMAP != 0 || (discard && flags & FLAG_UNMAP != 0) {
+        return Err(RequestError::UnsupportedFlags(flags));
+    }
+    if sectors > max_sectors {
+        return Err(RequestError::TooManySectors(sectors));
+    }
+    served.sector = sector;
+    served.sectors = u64::from(sectors);
+    let len = u64::from(sectors) * SECTOR_SIZE;
+    let offset = check_range(disk, served.op, sector, len)?;
+    if discard {
+        disk.backend.discard(offset, len).map_err(host)?;
+    } else {
+        let unmap = flags & FLAG_UNMAP != 0;
+        disk.backend
+            .write_zeroes(offset, len, unmap)
+            .map_err(host)?;
+    }
+    stable(disk)
+}
+
+fn op_of(kind: u32) -> Op {
+    match kind {
+        types::IN => Op::Read,
+        types::OUT => Op::Write,
+        types::FLUSH => Op::Flush,
+        types::GET_ID => Op::GetId,
+        types::DISCARD => Op::Discard,
+        types::WRITE_ZEROES => Op::WriteZeroes,
+        _ => Op::Unsupported,
     }
 }
 
@@ -292,10 +573,16 @@ pub(crate) mod tests {
             self.flushes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<(), BackendError> {
             self.check()?;
             self.bytes.lock().expect("lock")[offset as usize..(offset + len) as usize].fill(0);
             Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+            self.write_zeroes(offset, len, true)
+        }
+        fn discard_alignment(&self) -> u64 {
+            SECTOR_SIZE
         }
     }
 
@@ -331,13 +618,67 @@ pub(crate) mod tests {
             &Disk {
                 backend: disk,
                 read_only,
+                write_through: false,
                 id: &id,
             },
-        );
+        )
+        .expect("a disk with power completes every request")
+        .used_len;
         (
             len,
             mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
         )
+    }
+
+    /// Serves the chain `descs` on any backend; returns (used length, status).
+    pub fn run_on(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        backend: &dyn DiskBackend,
+    ) -> (u32, u8) {
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+        let queue = MockSplitQueue::new(mem, 16);
+        let chain = queue.build_desc_chain(descs).expect("chain");
+        let id = [0u8; ID_LEN];
+        let len = serve(
+            chain,
+            mem,
+            &Disk {
+                backend,
+                read_only: false,
+                write_through: false,
+                id: &id,
+            },
+        )
+        .expect("a disk with power completes every request")
+        .used_len;
+        (
+            len,
+            mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
+        )
+    }
+
+    /// Serves a one-segment DISCARD or WRITE_ZEROES of `len` bytes at `offset`.
+    pub fn zero_request(
+        backend: &dyn DiskBackend,
+        kind: u32,
+        offset: u64,
+        len: u64,
+        flags: u32,
+    ) -> u8 {
+        let mem = guest_memory();
+        write_header(&mem, kind, 0);
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&(offset / SECTOR_SIZE).to_le_bytes());
+        s[8..12].copy_from_slice(&((len / SECTOR_SIZE) as u32).to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&s, GuestAddress(DATA)).expect("segment");
+        let descs = [
+            desc(HEADER, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ];
+        run_on(&mem, &descs, backend).1
     }
 
     fn standard(data_len: u32, data_flags: u16) -> Vec<RawDescriptor> {
@@ -523,6 +864,238 @@ pub(crate) mod tests {
         // Writable part outside guest memory.
         let descs = [desc(HEADER, 16, 0), desc(0xffff_0000_0000, 1, F_WRITE)];
         assert_eq!(run(&mem, &descs, &disk, false), (0, 0xff));
+    }
+
+    fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+        let mut s = [0u8; 16];
+        s[..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..].copy_from_slice(&flags.to_le_bytes());
+        s
+    }
+
+    /// virtio 1.2, 5.2.6.2 (Device Operation, device requirements): "The
+    /// device MUST set the status byte to VIRTIO_BLK_S_UNSUPP for discard,
+    /// secure erase and write zeroes commands if any unknown flag is set",
+    /// and for discard commands with `unmap` set. Nothing may be changed.
+    #[test]
+    fn unknown_flags_and_discard_with_unmap_are_unsupported() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(8192);
+        let before = disk.bytes.lock().expect("lock").clone();
+        for (kind, flags) in [
+            (types::WRITE_ZEROES, 2u32),
+            (types::WRITE_ZEROES, 0x8000_0001),
+            (types::DISCARD, 1),
+            (types::DISCARD, 4),
+        ] {
+            write_header(&mem, kind, 0);
+            mem.write_slice(&segment(0, 4, flags), GuestAddress(DATA))
+                .expect("segment");
+            assert_eq!(
+                run(&mem, &standard(16, 0), &disk, false).1,
+                status::UNSUPP,
+                "type {kind} flags {flags:#x}"
+            );
+        }
+        assert!(*disk.bytes.lock().expect("lock") == before);
+        // unmap is a valid flag of WRITE_ZEROES.
+        write_header(&mem, types::WRITE_ZEROES, 0);
+        mem.write_slice(&segment(0, 4, 1), GuestAddress(DATA))
+            .expect("segment");
+        assert_eq!(run(&mem, &standard(16, 0), &disk, false).1, status::OK);
+    }
+
+    /// virtio 1.2, 5.2.6.1 (driver requirements: "VIRTIO_BLK_T_DISCARD
+    /// requests MUST NOT contain more than max_discard_seg segments", the
+    /// same for write zeroes) and 5.2.4/5.2.5 (the advertised
+    /// max_discard_sectors, max_write_zeroes_sectors): the device enforces
+    /// what it advertises, as QEMU does: too many segments is UNSUPP, a
+    /// segment over the sector limit or a torn segment is IOERR.
+    #[test]
+    fn advertised_discard_and_write_zeroes_limits_are_enforced() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(40 << 20);
+        let before_len = disk.bytes.lock().expect("lock").len();
+        for kind in [types::DISCARD, types::WRITE_ZEROES] {
+            // Two segments where one is advertised.
+            write_header(&mem, kind, 0);
+            mem.write_slice(&segment(0, 1, 0), GuestAddress(DATA))
+                .expect("segment");
+            mem.write_slice(&segment(8, 1, 0), GuestAddress(DATA + 16))
+                .expect("segment");
+            assert_eq!(
+                run(&mem, &standard(32, 0), &disk, false).1,
+                status::UNSUPP,
+                "type {kind}: two segments"
+            );
+            // A segment followed by 8 stray bytes.
+            assert_eq!(
+                run(&mem, &standard(24, 0), &disk, false).1,
+                status::IOERR,
+                "type {kind}: trailing bytes"
+            );
+            // More sectors than max_*_sectors (2^23) in one segment.
+            let over = limits::MAX_DISCARD_SECTORS.max(limits::MAX_WRITE_ZEROES_SECTORS) + 1;
+            mem.write_slice(&segment(0, over, 0), GuestAddress(DATA))
+                .expect("segment");
+            assert_eq!(
+                run(&mem, &standard(16, 0), &disk, false).1,
+                status::IOERR,
+                "type {kind}: too many sectors"
+            );
+        }
+        assert_eq!(disk.bytes.lock().expect("lock").len(), before_len);
+        assert!(disk.bytes.lock().expect("lock")[..4096]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i % 253) as u8));
+    }
+
+    /// The advertised 4 GiB limits in use: a whole 64 MiB disk in one
+    /// DISCARD or WRITE_ZEROES request is served; a full-size segment that
+    /// runs past the end, or whose sector overflows `sector * 512`, is
+    /// IOERR and changes nothing (never a panic).
+    #[test]
+    fn the_largest_segments_are_served_or_refused_by_range() {
+        let mem = guest_memory();
+        let size = 64usize << 20;
+        let disk = MemDisk::new(size);
+        let sectors = (size / 512) as u32;
+        let max = limits::MAX_DISCARD_SECTORS.min(limits::MAX_WRITE_ZEROES_SECTORS);
+        assert!(max >= sectors, "a 64 MiB disk fits one request");
+        for kind in [types::DISCARD, types::WRITE_ZEROES] {
+            for (sector, n) in [
+                (1u64, sectors),          // one sector past the end
+                (0, max),                 // far past the end
+                (u64::MAX / 512 + 1, 1),  // sector * 512 overflows
+                (u64::MAX - 1, max),      // and the end too
+                ((size / 512) as u64, 1), // starts at the end
+            ] {
+                disk.bytes.lock().expect("lock")[size - 1] = 0xee;
+                write_header(&mem, kind, 0);
+                mem.write_slice(&segment(sector, n, 0), GuestAddress(DATA))
+                    .expect("segment");
+                assert_eq!(
+                    run(&mem, &standard(16, 0), &disk, false),
+                    (1, status::IOERR),
+                    "type {kind}: sector {sector}, {n} sectors"
+                );
+                assert_eq!(disk.bytes.lock().expect("lock")[size - 1], 0xee);
+            }
+            write_header(&mem, kind, 0);
+            mem.write_slice(&segment(0, sectors, 0), GuestAddress(DATA))
+                .expect("segment");
+            assert_eq!(
+                run(&mem, &standard(16, 0), &disk, false),
+                (1, status::OK),
+                "type {kind}: the whole disk"
+            );
+            assert!(disk.bytes.lock().expect("lock").iter().all(|&b| b == 0));
+        }
+        assert_eq!(disk.bytes.lock().expect("lock").len(), size);
+    }
+
+    /// virtio 1.2, 5.2.3/5.2.4 (VIRTIO_BLK_F_SEG_MAX: "Maximum number of
+    /// segments in a request is in seg_max"): the advertised maximum is
+    /// enforced, also through an indirect table (which can hold far more
+    /// descriptors than the queue): one more is IOERR and writes nothing.
+    #[test]
+    fn more_data_descriptors_than_seg_max_is_an_error() {
+        let mem = guest_memory();
+        let table = 0x40_0000u64;
+        for (extra, expected) in [(1u16, status::IOERR), (0, status::OK)] {
+            let disk = MemDisk::new(1 << 20);
+            write_header(&mem, types::OUT, 0);
+            let n = limits::SEG_MAX as u16 + 2 + extra;
+            for i in 0..n {
+                let (addr, len, flags) = match i {
+                    0 => (HEADER, 16, 0),
+                    _ if i == n - 1 => (STATUS, 1, F_WRITE),
+                    _ => (DATA + 512 * u64::from(i - 1), 512, 0),
+                };
+                let flags = if i + 1 < n { flags | 1 } else { flags };
+                let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i + 1));
+                mem.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+                    .expect("indirect descriptor");
+            }
+            let descs = [desc(table, 16 * u32::from(n), 4)];
+            assert_eq!(
+                run(&mem, &descs, &disk, false).1,
+                expected,
+                "{n} descriptors"
+            );
+            let untouched = disk.bytes.lock().expect("lock")[..512]
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 253) as u8);
+            assert_eq!(untouched, expected != status::OK);
+        }
+    }
+
+    /// virtio 1.2, 2.7.8.1 (split virtqueue, used ring, device
+    /// requirements): "The device MUST write at least len bytes to descriptor,
+    /// beginning at the first device-writable buffer, prior to updating the
+    /// used idx." The used length is the prefix the device really wrote:
+    /// data and status when the data part was written whole (what QEMU
+    /// reports for every well-formed request), the data written alone when
+    /// a gap separates it from the status byte (QEMU reports the whole
+    /// writable length even then).
+    #[test]
+    fn the_used_length_counts_only_bytes_written() {
+        let mem = guest_memory();
+        let disk = MemDisk::new(4096);
+        // GET_ID into a 512-byte buffer writes 20 bytes, then the status.
+        write_header(&mem, types::GET_ID, 0);
+        assert_eq!(
+            run(&mem, &standard(512, F_WRITE), &disk, false),
+            (20, status::OK)
+        );
+        // A read that fails before writing data writes only the status.
+        disk.fail.store(true, Ordering::SeqCst);
+        write_header(&mem, types::IN, 0);
+        assert_eq!(
+            run(&mem, &standard(512, F_WRITE), &disk, false),
+            (0, status::IOERR)
+        );
+        disk.fail.store(false, Ordering::SeqCst);
+        // The well-formed cases count data and status.
+        assert_eq!(
+            run(&mem, &standard(512, F_WRITE), &disk, false),
+            (513, status::OK)
+        );
+        write_header(&mem, types::GET_ID, 0);
+        assert_eq!(
+            run(&mem, &standard(20, F_WRITE), &disk, false),
+            (21, status::OK)
+        );
+    }
+
+    /// The data's guest memory is found again from the chain, whatever the
+    /// reader and writer checked before: a descriptor outside guest memory
+    /// is a guest-memory error (IOERR), never a panic, and the pieces
+    /// found are exactly the data bytes (header and status left out).
+    #[test]
+    fn data_slices_cover_the_data_and_refuse_memory_outside() {
+        let mem = guest_memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let chain = queue
+            .build_desc_chain(&[
+                desc(HEADER, 16 + 100, 0),
+                desc(DATA, 412, 0),
+                desc(0xff_0000, 0x2_0000, F_WRITE),
+                desc(STATUS, 1, F_WRITE),
+            ])
+            .expect("chain");
+        let readable = data_slices(&chain, &mem, false, 16, 512).expect("in memory");
+        let lens: Vec<usize> = readable.iter().map(|s| s.len()).collect();
+        assert_eq!(lens, [100, 412]);
+        let err = data_slices(&chain, &mem, true, 0, 0x2_0000).expect_err("outside");
+        assert!(matches!(err, RequestError::GuestMemory(_)));
+        assert_eq!(err.status(), status::IOERR);
+        // Asking for more than the chain holds is the same error.
+        let err = data_slices(&chain, &mem, false, 16, 513).expect_err("too long");
+        assert_eq!(err.status(), status::IOERR);
     }
 
     #[test]
