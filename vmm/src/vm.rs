@@ -1,158 +1,109 @@
-//! The machine: KVM VM, guest memory, devices on their buses, the loaded
-//! kernel, vCPU threads, and the event loop that runs until the guest stops.
+//! The KVM VM and its memory: the VM file descriptor with the in-kernel
+//! interrupt controllers and PIT, and guest RAM registered with KVM.
 
-use std::io::{self, Read, Write};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread;
-
-use devices::bus::{Bus, BusError};
-use devices::exit::{ExitSignal, VmExit};
-use devices::legacy::{ConsoleOutput, ExitPort, Serial, EXIT_PORT, I8042};
-use devices::virtio::block::{open_disk, Block, DiskFormat};
-use devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use devices::virtio::VirtioDevice;
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_bindings::KVM_PIT_SPEAKER_DUMMY;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use std::os::unix::io::AsRawFd;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::vcpu::Vcpu;
-use crate::x86_64::boot::{self, BootError};
-use crate::x86_64::cpuid;
-use crate::x86_64::layout::{
-    ram_regions, IRQ_MAX, SERIAL_IRQ, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
-};
-use crate::x86_64::mptable::{self, MptableError};
-use crate::x86_64::regs::{self, RegsError};
+use crate::x86_64::layout::ram_regions;
 
-/// Everything a VM is made from.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// bzImage or ELF vmlinux.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initrd: Option<PathBuf>,
-    /// The full kernel command line.
-    pub cmdline: String,
-    /// Guest RAM in bytes.
-    pub mem_size: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// virtio-blk disks, in order: vda, vdb, ...
-    pub disks: Vec<DiskConfig>,
-    /// Whether the test exit port at 0xf4 is present.
-    pub exit_port: bool,
+/// A KVM ioctl that failed, by name.
+#[derive(Debug, Error)]
+#[error("KVM {ioctl} failed: {source}")]
+pub struct KvmError {
+    /// The ioctl.
+    pub ioctl: &'static str,
+    /// The cause.
+    #[source]
+    pub source: kvm_ioctls::Error,
 }
 
-/// One `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// The add-cow or raw file.
-    pub path: PathBuf,
-    /// How to read it.
-    pub format: DiskFormat,
-    /// Offer it read-only (VIRTIO_BLK_F_RO) and refuse writes.
-    pub read_only: bool,
+/// Names the ioctl of a failed KVM call: `fd.x().map_err(kvm_err("KVM_X"))`.
+pub fn kvm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError { ioctl, source }
 }
 
-/// Errors building or running the VM.
+/// Errors creating the VM.
 #[derive(Debug, Error)]
 pub enum VmError {
     /// /dev/kvm cannot be opened.
     #[error("cannot open /dev/kvm ({0}): KVM is required; is the kvm module loaded and /dev/kvm accessible?")]
     NoKvm(#[source] kvm_ioctls::Error),
-    /// A KVM VM ioctl failed.
-    #[error("KVM {ioctl} failed: {source}")]
-    Kvm {
-        /// The ioctl.
-        ioctl: &'static str,
-        /// The cause.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// Guest memory cannot be allocated.
-    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    /// A KVM ioctl failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory cannot be allocated, or KVM cannot map that much.
+    #[error("cannot give the guest {size} bytes of memory ({reason}); give less --mem")]
     Memory {
         /// Requested size.
         size: u64,
         /// The cause.
         reason: String,
     },
-    /// An event fd or epoll call failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// A disk cannot be opened.
-    #[error("disk {path}: {source}")]
-    Disk {
-        /// The `--disk` path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: addcow::Error,
-    },
-    /// More disks than free IRQs.
-    #[error("{0} disks: at most {max} fit the interrupt controller", max = IRQ_MAX - VIRTIO_IRQ_START + 1)]
-    TooManyDisks(usize),
-    /// Two devices claim the same addresses.
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    /// Loading the kernel failed.
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    /// Writing the MP table failed.
-    #[error(transparent)]
-    Mptable(#[from] MptableError),
-    /// Setting up a vCPU failed.
-    #[error(transparent)]
-    Regs(#[from] RegsError),
-    /// The event loop failed.
-    #[error("event loop: {0}")]
-    EventLoop(String),
-}
-
-fn kvm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { ioctl, source }
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
-    move |source| VmError::Io { what, source }
 }
 
 /// Where KVM keeps the TSS for real-mode emulation (in the MMIO gap, unused).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// The serial port's I/O range.
-const SERIAL_PORT: (u64, u64) = (0x3f8, 8);
-/// The i8042's ports 0x60-0x64.
-const I8042_PORT: (u64, u64) = (0x60, 5);
 
-/// A VM ready to run.
+/// A KVM VM with its RAM.
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     mem: GuestMemoryMmap,
-    pio: Bus,
-    mmio: Bus,
-    exit: Arc<ExitSignal>,
-    serial: Arc<Mutex<Serial>>,
-    blocks: Vec<Arc<Mutex<Block>>>,
-    config: VmConfig,
+    mem_size: u64,
+}
+
+/// The registration of a VM's RAM with KVM, running on its own thread
+/// ([`Vm::register_memory`]). Dropping it waits for the thread, so that the
+/// RAM it registers cannot be unmapped under it.
+#[derive(Debug)]
+pub struct PendingMemory {
+    thread: Option<std::thread::JoinHandle<Result<(), VmError>>>,
+    mem_size: u64,
+}
+
+impl PendingMemory {
+    /// Waits for the registration and returns how it went (at once when it
+    /// was already waited for).
+    pub fn wait(&mut self) -> Result<(), VmError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        thread.join().unwrap_or_else(|_| {
+            Err(VmError::Memory {
+                size: self.mem_size,
+                reason: "the memory registration thread panicked".into(),
+            })
+        })
+    }
+}
+
+impl Drop for PendingMemory {
+    fn drop(&mut self) {
+        let _ = self.wait();
+    }
 }
 
 impl Vm {
-    /// Creates the VM, its memory and legacy devices.
-    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+    /// Creates the VM with `mem_size` bytes of RAM, the in-kernel PIC,
+    /// IOAPIC and PIT, its RAM registered with KVM (the tests' way; the
+    /// machine overlaps the registration with loading the guest).
+    #[cfg(test)]
+    pub fn new(mem_size: u64) -> Result<Vm, VmError> {
+        let vm = Vm::create(mem_size)?;
+        vm.register_memory()?.wait()?;
+        Ok(vm)
+    }
+
+    /// Like [`Vm::new`], but the RAM is mapped and not yet registered with
+    /// KVM: [`Vm::register_memory`] must be called, and waited for, before
+    /// any vCPU is created. Registering 256 MiB takes KVM 4-10 ms on the
+    /// project's hosts (it allocates the slot's per-page metadata), which
+    /// the caller can overlap with loading the guest.
+    pub fn create(mem_size: u64) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -165,251 +116,150 @@ impl Vm {
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem = GuestMemoryMmap::from_ranges(&ram_regions(config.mem_size)).map_err(|e| {
-            VmError::Memory {
-                size: config.mem_size,
-                reason: e.to_string(),
-            }
-        })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
+        let memory_error = |e: &dyn std::fmt::Display| VmError::Memory {
+            size: mem_size,
+            reason: e.to_string(),
+        };
+        let mem =
+            GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|e| memory_error(&e))?;
+        Ok(Vm {
+            kvm,
+            fd,
+            mem,
+            mem_size,
+        })
+    }
+
+    /// Starts registering the RAM with KVM on a thread of its own (through
+    /// a duplicate of the VM descriptor); the returned handle waits for it.
+    pub fn register_memory(&self) -> Result<PendingMemory, VmError> {
+        let mem_size = self.mem_size;
+        let memory_error = move |e: &dyn std::fmt::Display| VmError::Memory {
+            size: mem_size,
+            reason: e.to_string(),
+        };
+        let mut regions = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = self
+                .mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Memory {
-                    size: config.mem_size,
-                    reason: e.to_string(),
-                })?;
-            let region = kvm_userspace_memory_region {
+                .map_err(|e| memory_error(&e))?;
+            regions.push(kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
                 flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the
-            // VM keeps (and every vCPU clones) for as long as the guest runs.
-            unsafe { fd.set_user_memory_region(region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            });
         }
-
-        let exit = Arc::new(ExitSignal::new().map_err(io_err("exit event"))?);
-        let serial_irq = EventFd::new(0).map_err(io_err("serial irq event"))?;
-        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            ConsoleOutput::new(Box::new(io::stdout()), exit.clone()),
-        )));
-        let mut pio = Bus::new();
-        pio.insert(SERIAL_PORT.0, SERIAL_PORT.1, serial.clone())?;
-        pio.insert(
-            I8042_PORT.0,
-            I8042_PORT.1,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        )?;
-        if config.exit_port {
-            pio.insert(
-                EXIT_PORT,
-                1,
-                Arc::new(Mutex::new(ExitPort::new(exit.clone()))),
-            )?;
+        // SAFETY: dup only reads the descriptor number, owned by `self.fd`.
+        let dup = unsafe { libc::dup(self.fd.as_raw_fd()) };
+        if dup < 0 {
+            return Err(memory_error(&format_args!(
+                "dup of the VM descriptor: {}",
+                std::io::Error::last_os_error()
+            )));
         }
-        let mut vm = Vm {
-            kvm,
-            fd,
-            mem,
-            pio,
-            mmio: Bus::new(),
-            exit,
-            serial,
-            blocks: Vec::new(),
-            config,
+        // SAFETY: `dup` is a new descriptor of this VM that nothing else
+        // owns; the VmFd made from it closes it.
+        let fd = match unsafe { self.kvm.create_vmfd_from_rawfd(dup) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: `dup` is ours and was not taken over by a VmFd.
+                unsafe { libc::close(dup) };
+                return Err(kvm_err("KVM_GET_VCPU_MMAP_SIZE")(e).into());
+            }
         };
-        for (index, disk) in vm.config.disks.clone().iter().enumerate() {
-            vm.add_disk(index, disk)?;
-        }
-        Ok(vm)
+        let thread = std::thread::Builder::new()
+            .name("memslots".into())
+            .spawn(move || {
+                for region in regions {
+                    // SAFETY: the region is a live mapping owned by the Vm's
+                    // `mem`, which outlives this thread (the Vm's owner waits
+                    // for it, PendingMemory's drop at the latest) and is kept
+                    // (and cloned by every vCPU) for as long as the guest
+                    // runs. KVM refuses memory beyond the guest physical
+                    // address width.
+                    unsafe { fd.set_user_memory_region(region) }.map_err(|e| {
+                        memory_error(&format_args!("KVM_SET_USER_MEMORY_REGION: {e}"))
+                    })?;
+                }
+                Ok(())
+            })
+            .map_err(|e| memory_error(&format_args!("memory registration thread: {e}")))?;
+        Ok(PendingMemory {
+            thread: Some(thread),
+            mem_size,
+        })
     }
 
-    /// Adds disk number `index` as a virtio-blk device on its own MMIO window
-    /// and IRQ, announced on the kernel command line.
-    fn add_disk(&mut self, index: usize, disk: &DiskConfig) -> Result<(), VmError> {
-        let irq = u32::try_from(index)
-            .ok()
-            .map(|i| VIRTIO_IRQ_START + i)
-            .filter(|&irq| irq <= IRQ_MAX)
-            .ok_or(VmError::TooManyDisks(self.config.disks.len()))?;
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let backend =
-            open_disk(&disk.path, disk.format, disk.read_only).map_err(|source| VmError::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
-        let irq_event = EventFd::new(0).map_err(io_err("virtio irq event"))?;
-        let block = Block::new(backend, disk.read_only, disk_id(&disk.path), irq_event)
-            .map_err(io_err("virtio queue event"))?;
-        self.fd
-            .register_irqfd(block.interrupt().irq(), irq)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        if let Some(queue_event) = block.queue_event(0) {
-            self.fd
-                .register_ioevent(
-                    queue_event,
-                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                    0u32,
-                )
-                .map_err(kvm_err("KVM_IOEVENTFD"))?;
-        }
-        let block = Arc::new(Mutex::new(block));
-        let transport = MmioTransport::new(block.clone(), self.mem.clone());
-        self.mmio
-            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
-        self.config
-            .cmdline
-            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-        self.blocks.push(block);
-        Ok(())
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
     }
 
-    /// Loads the guest, starts the vCPUs and runs the event loop until the
-    /// guest stops; returns why it stopped.
-    pub fn run(self) -> Result<VmExit, VmError> {
-        let cfg = &self.config;
-        regs::write_boot_tables(&self.mem)?;
-        mptable::write(&self.mem, cfg.vcpus)?;
-        let entry = boot::load_linux(
-            &self.mem,
-            cfg.mem_size,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cfg.cmdline,
-        )?;
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
 
-        let pio = Arc::new(self.pio);
-        let mmio = Arc::new(self.mmio);
-        let supported = self
-            .kvm
+    /// The KVM system handle (capabilities of this host).
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The CPUID leaves this host's KVM can offer a guest.
+    pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
+        self.kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            let fd = self
-                .fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::filter(&mut cpuid, id, cfg.vcpus);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_msrs(&fd)?;
-            regs::setup_lapic(&fd)?;
-            if id == 0 {
-                // Other vCPUs wait for the kernel's INIT/SIPI in KVM.
-                regs::setup_sregs(&fd)?;
-                regs::setup_regs(&fd, entry.entry)?;
-                regs::setup_fpu(&fd)?;
-            }
-            vcpus.push(Vcpu::new(
-                fd,
-                id,
-                pio.clone(),
-                mmio.clone(),
-                self.mem.clone(),
-                self.exit.clone(),
-            ));
-        }
-        for vcpu in vcpus {
-            thread::Builder::new()
-                .name("vcpu".into())
-                .spawn(move || vcpu.run())
-                .map_err(io_err("spawn vCPU thread"))?;
-        }
-
-        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-            .map_err(|e| VmError::EventLoop(e.to_string()))?;
-        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
-            serial: self.serial.clone(),
-        })));
-        events.add_subscriber(Arc::new(Mutex::new(ExitWatch(self.exit.clone()))));
-        for block in &self.blocks {
-            events.add_subscriber(block.clone());
-        }
-        while self.exit.reason().is_none() {
-            events
-                .run_with_timeout(100)
-                .map_err(|e| VmError::EventLoop(e.to_string()))?;
-        }
-        let _ = io::stdout().flush();
-        // The guest is done: make its disks consistent on the host, whether or
-        // not it flushed them itself.
-        for (block, disk) in self.blocks.iter().zip(&cfg.disks) {
-            let block = block.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = block.flush() {
-                eprintln!("vmm: disk {}: final flush failed: {e}", disk.path.display());
-            }
-        }
-        Ok(self
-            .exit
-            .reason()
-            .unwrap_or_else(|| VmExit::Failed("stopped without a reason".into())))
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
     }
 }
 
-/// A stable 20-byte serial for GET_ID: "acow-" and a hash of the disk's path.
-fn disk_id(path: &std::path::Path) -> [u8; 20] {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    // FNV-1a: stable across runs and Rust versions.
-    let hash = path
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    let mut id = [0u8; 20];
-    let text = format!("acow-{hash:015x}");
-    id.copy_from_slice(&text.as_bytes()[..20]);
-    id
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Standard input to the serial port.
-struct ConsoleInput {
-    serial: Arc<Mutex<Serial>>,
-}
-
-impl MutEventSubscriber for ConsoleInput {
-    fn init(&mut self, ops: &mut EventOps) {
-        // Without a readable stdin (a closed one, or /dev/null in epoll's
-        // eyes) the guest simply gets no input.
-        let _ = ops.add(Events::new(&io::stdin(), EventSet::IN));
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        // At least as large as stdin's own buffer, so that reads bypass it
-        // and epoll sees every byte that is still pending.
-        let mut buf = [0u8; 16 << 10];
-        let stdin = io::stdin();
-        let n = match stdin.lock().read(&mut buf) {
-            Ok(n) if n > 0 && !events.event_set().contains(EventSet::HANG_UP) => n,
-            _ => {
-                let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-                return;
-            }
+    /// The registration runs beside the caller and is waited for once: a
+    /// second wait (or the drop) returns at once, and the registered RAM is
+    /// the guest's (KVM accepts a vCPU, and a second slot at the same
+    /// address is refused because the first exists).
+    #[test]
+    fn memory_registered_in_the_background_is_waited_for_once() {
+        let vm = Vm::create(16 << 20).expect("VM");
+        let mut pending = vm.register_memory().expect("registration");
+        pending.wait().expect("registered");
+        pending.wait().expect("already waited");
+        drop(pending);
+        vm.fd().create_vcpu(0).expect("vCPU");
+        let host = vm
+            .memory()
+            .get_host_address(vm_memory::GuestAddress(0))
+            .expect("host address");
+        let overlap = kvm_userspace_memory_region {
+            slot: 7,
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: host as u64,
+            flags: 0,
         };
-        let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
-        // What does not fit in the UART's FIFO is dropped, as on a real port.
-        serial.enqueue_input(&buf[..n]);
-    }
-}
-
-/// Wakes the event loop as soon as the VM should stop.
-struct ExitWatch(Arc<ExitSignal>);
-
-impl MutEventSubscriber for ExitWatch {
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(self.0.event(), EventSet::IN));
+        // SAFETY: the mapping is live and owned by `vm`; KVM refuses it.
+        assert!(unsafe { vm.fd().set_user_memory_region(overlap) }.is_err());
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        // Only clears the counter; the loop checks the reason itself.
-        let _ = self.0.event().read();
+    /// More guest memory than this host's KVM can map (beyond its guest
+    /// physical address width, or than the host can reserve) is the user's
+    /// `--mem`, said as such: never a bare ioctl failure.
+    #[test]
+    fn memory_beyond_what_the_host_can_map_is_a_memory_error() {
+        for size in [64u64 << 40, 200 << 40] {
+            let err = Vm::new(size).err();
+            assert!(
+                matches!(err, Some(VmError::Memory { size: s, .. }) if s == size),
+                "{size:#x}: {err:?}"
+            );
+            let err = crate::machine::MachineError::from(err.expect("an error"));
+            assert!(err.is_bad_input(), "exit status 2: {err}");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! 0x0000_0520  IDT (empty)          0x0000_a000  PDPT
 //! 0x0000_7000  zero page            0x0000_b000  PD (1 GiB in 2 MiB pages)
 //! 0x0000_8ff0  boot stack top       0x0002_0000  kernel command line
-//! 0x0009_fc00  MP table (EBDA)      0x0010_0000  kernel
+//! 0x0009_fc00  MP table (EBDA)      0x000e_0000  ACPI tables (RSDP first)
+//! 0x0010_0000  kernel
 //! ...          initrd, as high as fits below the MMIO gap
 //! 0xc000_0000  MMIO gap: virtio-mmio windows, IOAPIC, LAPIC (to 4 GiB)
 //! 0x1_0000_0000 the rest of RAM, if any
@@ -35,6 +36,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// End of low ("real mode") memory.
 pub const LOW_MEMORY_END: u64 = 0xa0000;
+/// ACPI tables, in the BIOS area where Linux looks for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+/// End of the ACPI tables' area.
+pub const ACPI_END: u64 = 0x100000;
 /// Where the kernel is loaded, and the start of high memory.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the MMIO gap below 4 GiB.
@@ -51,6 +56,25 @@ pub const VIRTIO_IRQ_START: u32 = 5;
 pub const IRQ_MAX: u32 = 23;
 /// The serial port's IRQ.
 pub const SERIAL_IRQ: u32 = 4;
+/// The serial port's first I/O port (COM1).
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// Number of the serial port's I/O ports.
+pub const SERIAL_PORTS: u16 = 8;
+/// The local APICs' MMIO address.
+pub const APIC_ADDR: u32 = 0xfee0_0000;
+/// The IOAPIC's MMIO address.
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+
+/// Where one virtio-mmio device sits: its register window and its IRQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Guest physical address of the window.
+    pub base: u64,
+    /// Size of the window.
+    pub size: u64,
+    /// IOAPIC pin.
+    pub irq: u32,
+}
 
 /// One E820 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

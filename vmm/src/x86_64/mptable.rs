@@ -4,12 +4,10 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{EBDA_START, IRQ_MAX, LOW_MEMORY_END};
+use super::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR, IRQ_MAX, LOW_MEMORY_END};
 
 /// Most vCPUs the table (and the EBDA it lives in) holds.
 pub const MAX_CPUS: u8 = 32;
-const APIC_DEFAULT_ADDR: u32 = 0xfee0_0000;
-const IOAPIC_DEFAULT_ADDR: u32 = 0xfec0_0000;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 
@@ -47,7 +45,7 @@ fn entries(cpus: u8) -> (Vec<u8>, u16) {
     count += 1;
     // The IOAPIC, enabled.
     out.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
-    out.extend_from_slice(&IOAPIC_DEFAULT_ADDR.to_le_bytes());
+    out.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
     // ISA IRQ n -> IOAPIC pin n, polarity and trigger as the bus defines.
     for irq in 0..=IRQ_MAX as u8 {
@@ -85,7 +83,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     table.extend_from_slice(b"MICROVM     ");
     table.extend_from_slice(&[0; 6]); // no OEM table
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&APIC_DEFAULT_ADDR.to_le_bytes());
+    table.extend_from_slice(&APIC_ADDR.to_le_bytes());
     table.extend_from_slice(&[0; 4]); // no extended table
     table.extend_from_slice(&body);
     table[7] = checksum(&table);

@@ -1,9 +1,7 @@
 //! The state a vCPU starts Linux in: 64-bit long mode with an identity-mapped
 //! first GiB, a flat GDT, the zero page in RSI (Linux 64-bit boot protocol).
 
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -169,38 +167,9 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
 }
 
-/// MSRs Linux expects at boot: syscall MSRs cleared, fast strings on.
+/// The MSRs of [`super::msrs::boot_msrs`].
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-    const MSR_STAR: u32 = 0xc000_0081;
-    const MSR_LSTAR: u32 = 0xc000_0082;
-    const MSR_CSTAR: u32 = 0xc000_0083;
-    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-    const MSR_IA32_TSC: u32 = 0x10;
-    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-    const MISC_ENABLE_FAST_STRING: u64 = 1;
-    let entries: Vec<kvm_msr_entry> = [
-        (MSR_IA32_SYSENTER_CS, 0),
-        (MSR_IA32_SYSENTER_ESP, 0),
-        (MSR_IA32_SYSENTER_EIP, 0),
-        (MSR_STAR, 0),
-        (MSR_CSTAR, 0),
-        (MSR_KERNEL_GS_BASE, 0),
-        (MSR_SYSCALL_MASK, 0),
-        (MSR_LSTAR, 0),
-        (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-    ]
-    .iter()
-    .map(|&(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
-    .collect();
+    let entries = super::msrs::boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs {
         set: 0,
         wanted: entries.len(),
@@ -240,6 +209,27 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_takes_the_boot_msrs() {
+        // Needs /dev/kvm, as the end-to-end tests do.
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().expect("VM");
+        let vcpu = vm.create_vcpu(0).expect("vCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("CPUID");
+        vcpu.set_cpuid2(&cpuid).expect("set CPUID");
+        setup_msrs(&vcpu).expect("MSRs");
+        let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: super::super::msrs::MSR_MTRR_DEF_TYPE,
+            ..Default::default()
+        }])
+        .expect("MSR list");
+        assert_eq!(vcpu.get_msrs(&mut msrs).expect("get MSRs"), 1);
+        // MTRRs enabled, default type write-back, as written.
+        assert_eq!(msrs.as_slice()[0].data, 0x806);
+    }
 
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
