@@ -182,8 +182,10 @@ if [ "$workarounds" = on ]; then
     # The instruction emulator of KVM without hardware virtualization fails on
     # XSAVE-family instructions, CMPXCHG16B, POPCNT and CLAC/STAC (SMAP). Some
     # host CPUID bits leak through the VMM's filter on such hosts, so the
-    # kernel is told as well.
-    cmdline="$cmdline clearcpuid=popcnt,cx16,xsave,xsaveopt,xsavec,xsaves,smap"
+    # kernel is told as well. nofsgsbase: with WRFSBASE/RDFSBASE user
+    # processes there intermittently read their thread-local data as zeros
+    # (see FSGSBASE in vmm/src/x86_64/cpuid.rs).
+    cmdline="$cmdline clearcpuid=popcnt,cx16,xsave,xsaveopt,xsavec,xsaves,smap nofsgsbase"
 fi
 
 echo "kernel=$kernel_dir/bzImage"

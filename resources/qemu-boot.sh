@@ -7,12 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 SCRIPT [DISK...]" >&2; exit 2; }
 script=$1; shift
-command -v qemu-system-x86_64 >/dev/null || {
-    # qemu-system-x86 would remove the newer qemu-utils: install both at one version.
-    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate/{print $2}')
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
-        "qemu-system-x86=$v" "qemu-utils=$v" "qemu-system-common=$v" "qemu-block-extra=$v" >&2
-}
+"$here/install-qemu.sh"
 eval "$("$here/build.sh" --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
 padded=$(mktemp)
 trap 'rm -f "$padded"' EXIT
@@ -25,6 +20,8 @@ for disk in "$@"; do
     letter=$(echo "$letter" | tr a-y b-z)
 done
 args+=(-drive "id=script,file=$padded,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=script)
-exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu host -m 256 -nographic -no-reboot \
+# QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
+if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
+exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -m 256 -nographic -no-reboot \
     -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vd$letter" \
     -device isa-debug-exit,iobase=0xf4,iosize=4 "${args[@]}"

@@ -12,11 +12,9 @@ runs=${1:-5}
 
 eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
 cargo build --release --quiet -p vmm
-command -v qemu-system-x86_64 >/dev/null || {
-    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate/{print $2}')
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
-        "qemu-system-x86=$v" "qemu-utils=$v" "qemu-system-common=$v" "qemu-block-extra=$v" >&2
-}
+resources/install-qemu.sh
+# QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
+if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
 
 work=$(mktemp -d /var/tmp/bench-guest.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -38,7 +36,7 @@ run() {
              --cmdline "$cmdline addcow.run=/dev/vdb"
              --disk "$work/disk.img,format=raw" --disk "$work/script.sh,ro,format=raw")
     else
-        cmd=(qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu host -m 256 -nographic -no-reboot
+        cmd=(qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -m 256 -nographic -no-reboot
              -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vdb"
              -drive "id=d,file=$work/disk.img,format=raw,if=none" -device virtio-blk-device,drive=d
              -drive "id=s,file=$work/script.sh,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=s

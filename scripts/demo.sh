@@ -27,7 +27,7 @@ if [ ! -f demo/demo.add-cow ]; then
 fi
 sha256sum demo/base.img > demo/base.img.sha256
 
-echo "demo: booting; type 'exit' in the guest shell to power off" >&2
+echo "demo: booting; type 'poweroff' (or 'exit') in the guest shell to stop it" >&2
 status=0
 "$bin/vmm" --kernel "$kernel" --cmdline "$cmdline root=/dev/vda rw" --disk demo/demo.add-cow || status=$?
 

@@ -6,12 +6,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# qemu-img is the oracle of the add-cow CLI tests.
-if ! command -v qemu-img >/dev/null; then
-    echo "test.sh: installing qemu-utils" >&2
+# qemu-img is the oracle of the add-cow CLI tests, QEMU the peer of the
+# vhost-user-blk guest test: both at one pinned version.
+resources/install-qemu.sh
+# strace shows the CLI tests that create fsyncs the new files' directory.
+if ! command -v strace >/dev/null; then
+    echo "test.sh: installing strace" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >&2
-    apt-get install -y -q --no-install-recommends qemu-utils >&2
+    apt-get install -y -q --no-install-recommends strace >&2
 fi
 [ -e /dev/kvm ] || { echo "test.sh: /dev/kvm is missing: the end-to-end tests boot real guests" >&2; exit 1; }
 
@@ -22,9 +25,17 @@ cargo build --workspace --bins --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+
+# Benchmark smoke run (no timing is checked): the 1 TiB scale measurements.
+if [ "$status" = 0 ]; then
+    echo "test.sh: benchmark smoke run (addcow-bench --scale)" >&2
+    cargo run --quiet -p addcow --bin addcow-bench -- --scale --runs 1 >&2 || status=1
+    echo "test.sh: benchmark smoke run (devices block_throughput --smoke)" >&2
+    cargo bench --quiet -p devices --bench block_throughput -- --smoke >&2 || status=1
+fi
 
 # Fuzz smoke run over the committed corpus (long runs: see README). The corpus
 # is copied so that the run adds nothing to the checkout.

@@ -9,10 +9,9 @@
 //!    boot's writes, and the ext4 image file alone as a raw disk.
 
 use std::fs;
-use std::path::Path;
 
 use addcow::{Access, AddCow};
-use e2e::{artefacts, boot, file_hash, workspace_binary, Disk, KernelImage};
+use e2e::{addcow_cli, artefacts, boot, file_hash, Disk, KernelImage};
 use sha2::{Digest, Sha256};
 
 const CLUSTER: u64 = 64 << 10;
@@ -46,19 +45,6 @@ fn sha_hex(bytes: &[u8]) -> String {
 
 fn clusters_of(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
     offset / CLUSTER..=(offset + len - 1) / CLUSTER
-}
-
-fn addcow_cli(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new(workspace_binary("addcow"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run addcow");
-    assert!(
-        out.status.success(),
-        "addcow {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -127,11 +113,12 @@ fn guest_reads_writes_and_survives_reboots() {
         touched.extend(clusters_of(offset, len));
     }
     for (offset, len) in DISCARDS {
+        // The clusters are unallocated: DISCARD is advisory and frees only
+        // allocated whole clusters, so they keep reading the base and stay
+        // unallocated (issue 12; see tests/zeroes_and_discards.rs).
         script.push_str(&format!(
             "blkdiscard -o {offset} -l {len} /dev/vda || check discard_failed {offset}\n"
         ));
-        model[offset as usize..(offset + len) as usize].fill(0);
-        touched.extend(clusters_of(offset, len));
     }
     script.push_str(
         "sync /dev/vda\n\

@@ -86,6 +86,12 @@ fn bad_input_is_refused_with_status_2() {
     std::fs::write(&not_a_kernel, vec![b'x'; 8192]).expect("write");
     let big_initrd = dir.path().join("big.cpio");
     std::fs::write(&big_initrd, vec![0u8; 24 << 20]).expect("write");
+    // The same bzImage without XLF_KERNEL_64 (xloadflags bit 0, at 0x236).
+    let mut bytes = std::fs::read(&a.kernel).expect("read kernel");
+    bytes[0x236] &= !1;
+    let kernel32 = dir.path().join("bzImage32");
+    std::fs::write(&kernel32, bytes).expect("write");
+    let long_cmdline = "x".repeat(3000);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["--kernel", "/nonexistent/bzImage"],
@@ -104,16 +110,29 @@ fn bad_input_is_refused_with_status_2() {
             vec!["--kernel", kernel, "--disk", "/nonexistent/d.add-cow"],
             "/nonexistent/d.add-cow",
         ),
+        // The kernel decompresses to 16 MiB + init_size (~16 MiB): the
+        // 24 MiB initrd would overlap it in 40 MiB.
         (
             vec![
                 "--kernel",
                 kernel,
                 "--mem",
-                "16M",
+                "40M",
                 "--initrd",
                 big_initrd.to_str().expect("path"),
             ],
             "too little memory",
+        ),
+        (vec!["--kernel", kernel, "--mem", "16M"], "give more --mem"),
+        (vec!["--kernel", kernel, "--mem", "16385K"], "page size"),
+        (vec!["--kernel", kernel, "--vcpus", "9"], "must be 1 to 8"),
+        (
+            vec!["--kernel", kernel32.to_str().expect("path")],
+            "not a 64-bit kernel",
+        ),
+        (
+            vec!["--kernel", kernel, "--cmdline", &long_cmdline],
+            "command line",
         ),
     ];
     for (args, needle) in cases {

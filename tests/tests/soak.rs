@@ -75,8 +75,8 @@ fn rounds_of_random_writes_survive_reboots() {
     for round in 0..ROUNDS {
         let before = sha_hex(&model);
         // The guest first checks the whole disk against the model so far.
-        let mut script = format!(
-            "check before \"$(dd if=/dev/vda bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n"
+        let mut script = String::from(
+            "check before \"$(dd if=/dev/vda bs=1M 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n",
         );
         for _ in 0..WRITES_PER_ROUND {
             let blocks = 1 + rng.below(8);
