@@ -28,6 +28,8 @@ fuzz_target!(|data: &[u8]| {
     let (bitmap, ops) = rest.split_at(bitmap_len.min(rest.len()));
     meta.extend_from_slice(bitmap);
     meta.resize(meta.len() + bitmap_len - bitmap.len(), 0);
+    // Padded to a cluster multiple, as open requires.
+    meta.resize(meta.len().div_ceil(1 << cluster_bits) << cluster_bits, 0);
     let base: Vec<u8> = (0..backing_len).map(|i| i as u8 | 1).collect();
     let backing = Backing::Raw {
         storage: Box::new(MemStorage::new(base)),

@@ -1,6 +1,7 @@
 //! virtio-blk from a hostile guest: fuzzed descriptor tables, avail rings
 //! and request headers in guest memory. The device must serve or refuse every
-//! request and never panic or touch memory outside the guest.
+//! request and never panic or touch memory outside the guest, whatever
+//! features and notification flags the driver picked.
 #![no_main]
 
 use std::sync::Mutex;
@@ -34,10 +35,16 @@ impl DiskBackend for MemDisk {
     fn flush(&self) -> Result<(), Error> {
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), Error> {
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<(), Error> {
         let mut b = self.0.lock().map_err(|_| "poisoned")?;
         b[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn discard_alignment(&self) -> u64 {
+        4096
     }
 }
 
@@ -74,8 +81,22 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let Ok(queue) = mock.create_queue() else { return };
-    let features = if heads.len() % 2 == 0 { 1 << 29 } else { 0 };
+    // The first content byte picks the driver: EVENT_IDX, FLUSH (else every
+    // write is synced), CONFIG_WCE, and VRING_AVAIL_F_NO_INTERRUPT.
+    let driver = contents.first().copied().unwrap_or(0);
+    let mut features = 1u64 << 32;
+    for (bit, feature) in [(1u8, 29u64), (2, 9), (4, 11)] {
+        if driver & bit != 0 {
+            features |= 1 << feature;
+        }
+    }
+    if driver & 8 != 0 {
+        let _ = mem.write_obj(1u16.to_le(), mock.avail_addr());
+    }
+    block.features_ok(features);
     if block.activate(Activation { mem: mem.clone(), queues: vec![queue], acked_features: features }).is_ok() {
+        block.process_queue();
+        // A second kick, as a driver that published more would send.
         block.process_queue();
     }
 });
