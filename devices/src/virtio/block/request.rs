@@ -2,8 +2,9 @@
 //!
 //! A request is a 16-byte header (type, reserved, sector) in the
 //! device-readable part of the chain, data in either part, and a status byte
-//! as the last device-writable byte. The chain is read through virtio-queue's
-//! `Reader` and `Writer`, so any split of these bytes across descriptors is
+//! as the last device-writable byte. The chain is walked once, into the
+//! pieces of guest memory that hold its device-readable and its
+//! device-writable bytes, so any split of these bytes across descriptors is
 //! accepted, and anything outside guest memory, a missing header or status,
 //! a loop or an over-long chain becomes an error status, never a panic.
 //!
@@ -18,9 +19,8 @@
 //! the backend hands to `preadv`/`pwritev`, as Firecracker and Cloud
 //! Hypervisor do.
 
-use std::io::{Read, Write};
-
 use addcow::{IoBufs, IoBufsMut};
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
@@ -170,44 +170,29 @@ pub fn serve(
         used_len: 0,
         host_error: None,
     });
-    let descriptors = chain.clone().count();
-    let Ok(mut writer) = chain.clone().writer(mem) else {
+    let chain = ChainMemory::walk(chain, mem);
+    if chain.writable_outside {
+        return nothing;
+    }
+    let Some(data_len) = chain.writable.len.checked_sub(1) else {
         return nothing;
     };
-    let Some(data_len) = writer.available_bytes().checked_sub(1) else {
-        return nothing;
-    };
-    let Ok(mut status_writer) = writer.split_at(data_len) else {
-        return nothing;
-    };
-    // Data bytes of the device-writable part written straight to guest
-    // memory (a READ), which the writer does not count.
-    let mut direct = 0;
     let mut served = Served {
         op: Op::Unsupported,
         sector: 0,
         sectors: 0,
         status: Status::Ok,
     };
-    let result = if descriptors > limits::SEG_MAX as usize + 2 {
-        Err(RequestError::TooManyDescriptors(descriptors))
+    // Bytes of the device-writable part written from its start.
+    let mut written = 0;
+    let result = if chain.descriptors > limits::SEG_MAX as usize + 2 {
+        Err(RequestError::TooManyDescriptors(chain.descriptors))
+    } else if chain.readable_outside {
+        Err(RequestError::Malformed(
+            "device-readable descriptors outside guest memory",
+        ))
     } else {
-        match chain.clone().reader(mem) {
-            Ok(mut reader) => execute(
-                &chain,
-                mem,
-                Parts {
-                    reader: &mut reader,
-                    writer: &mut writer,
-                    direct: &mut direct,
-                },
-                disk,
-                &mut served,
-            ),
-            Err(_) => Err(RequestError::Malformed(
-                "device-readable descriptors outside guest memory",
-            )),
-        }
+        execute(&chain, data_len, disk, &mut served, &mut written)
     };
     let (status, host_error) = match result {
         Ok(()) => (status::OK, None),
@@ -224,13 +209,12 @@ pub fn serve(
     if disk.backend.served(&served) == Fate::Lost {
         return None;
     }
-    if status_writer.write_all(&[status]).is_err() {
+    if !chain.writable.write(data_len, &[status]) {
         return Some(Outcome {
             used_len: 0,
             host_error,
         });
     }
-    let written = writer.bytes_written() + direct;
     let used_len = if written == data_len {
         written + 1
     } else {
@@ -285,80 +269,145 @@ fn le_u64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The guest memory of a request's data, in order: the device-writable
-/// bytes (`writable`) or the device-readable ones, less the first `skip`
-/// bytes, `len` bytes in all. A descriptor outside guest memory is an error.
-fn data_slices<'m>(
-    chain: &DescriptorChain<&'m GuestMemoryMmap>,
-    mem: &'m GuestMemoryMmap,
-    writable: bool,
-    skip: usize,
-    len: usize,
-) -> Result<Vec<VolatileSlice<'m>>, RequestError> {
-    let (descriptors, access) = if writable {
-        (chain.clone().writable(), Permissions::Write)
-    } else {
-        (chain.clone().readable(), Permissions::Read)
-    };
-    let outside = || {
-        RequestError::GuestMemory(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "a data descriptor is outside guest memory",
-        ))
-    };
-    let (mut skip, mut left) = (skip, len);
-    let mut slices = Vec::new();
-    for desc in descriptors {
-        if left == 0 {
-            break;
-        }
-        let pieces = mem
-            .get_slices(desc.addr(), desc.len() as usize, access)
-            .map_err(|_| outside())?;
-        for piece in pieces {
-            let piece = piece.map_err(|_| outside())?;
-            if skip >= piece.len() {
-                skip -= piece.len();
+/// One chain's guest memory, found in one walk over its descriptors: the
+/// device-readable bytes and the device-writable bytes, each in order.
+struct ChainMemory<'m> {
+    readable: Pieces<'m>,
+    writable: Pieces<'m>,
+    /// Descriptors in the chain (an indirect table's count as its own).
+    descriptors: usize,
+    /// A device-readable descriptor lies (partly) outside guest memory.
+    readable_outside: bool,
+    /// A device-writable descriptor lies (partly) outside guest memory.
+    writable_outside: bool,
+}
+
+impl<'m> ChainMemory<'m> {
+    /// Walks `chain` once. virtio-queue's iterator ends the walk at a loop,
+    /// a too-long chain or a bad indirect table.
+    fn walk(chain: DescriptorChain<&'m GuestMemoryMmap>, mem: &'m GuestMemoryMmap) -> Self {
+        let mut walked = ChainMemory {
+            readable: Pieces::default(),
+            writable: Pieces::default(),
+            descriptors: 0,
+            readable_outside: false,
+            writable_outside: false,
+        };
+        for desc in chain {
+            walked.descriptors += 1;
+            let (pieces, outside, access) = if desc.is_write_only() {
+                (
+                    &mut walked.writable,
+                    &mut walked.writable_outside,
+                    Permissions::Write,
+                )
+            } else {
+                (
+                    &mut walked.readable,
+                    &mut walked.readable_outside,
+                    Permissions::Read,
+                )
+            };
+            if *outside {
                 continue;
             }
-            let take = (piece.len() - skip).min(left);
-            slices.push(piece.subslice(skip, take).map_err(|_| outside())?);
-            skip = 0;
-            left -= take;
+            let len = desc.len() as usize;
+            match mem.get_slices(desc.addr(), len, access) {
+                Ok(slices) => {
+                    let before = pieces.len;
+                    for slice in slices {
+                        match slice {
+                            Ok(slice) => pieces.push(slice),
+                            Err(_) => *outside = true,
+                        }
+                    }
+                    *outside |= pieces.len - before != len;
+                }
+                Err(_) => *outside = true,
+            }
+        }
+        walked
+    }
+}
+
+/// Bytes of guest memory in order, as the pieces that hold them.
+#[derive(Default)]
+struct Pieces<'m> {
+    slices: SmallVec<[VolatileSlice<'m>; 4]>,
+    len: usize,
+}
+
+impl<'m> Pieces<'m> {
+    fn push(&mut self, slice: VolatileSlice<'m>) {
+        if !slice.is_empty() {
+            self.len += slice.len();
+            self.slices.push(slice);
+        }
+    }
+
+    /// The pieces of the bytes `[start, start + len)`, or `None` past the end.
+    fn range(&self, start: usize, len: usize) -> Option<SmallVec<[VolatileSlice<'m>; 4]>> {
+        if start.checked_add(len)? > self.len {
+            return None;
+        }
+        let (mut skip, mut left) = (start, len);
+        let mut out = SmallVec::new();
+        for slice in &self.slices {
             if left == 0 {
                 break;
             }
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            let take = (slice.len() - skip).min(left);
+            out.push(slice.subslice(skip, take).ok()?);
+            skip = 0;
+            left -= take;
         }
+        Some(out)
     }
-    if left > 0 {
-        return Err(outside());
+
+    /// Copies the bytes from `start` into `buf`; false if there are fewer.
+    fn read(&self, start: usize, buf: &mut [u8]) -> bool {
+        let Some(slices) = self.range(start, buf.len()) else {
+            return false;
+        };
+        let mut at = 0;
+        for slice in slices {
+            at += slice.copy_to(&mut buf[at..]);
+        }
+        true
     }
-    Ok(slices)
+
+    /// Copies `bytes` to the bytes from `start`; false if there is no room.
+    fn write(&self, start: usize, bytes: &[u8]) -> bool {
+        let Some(slices) = self.range(start, bytes.len()) else {
+            return false;
+        };
+        let mut at = 0;
+        for slice in slices {
+            slice.copy_from(&bytes[at..at + slice.len()]);
+            at += slice.len();
+        }
+        true
+    }
 }
 
-/// The reader, the writer and the count of data written past the writer.
-struct Parts<'r, 'm> {
-    reader: &'r mut virtio_queue::Reader<'m>,
-    writer: &'r mut virtio_queue::Writer<'m>,
-    direct: &'r mut usize,
-}
-
+/// Serves a request whose memory was found: `data_len` is the length of the
+/// device-writable part before the status byte; `written` counts what was
+/// written from its start.
 fn execute(
-    chain: &DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    parts: Parts<'_, '_>,
+    chain: &ChainMemory<'_>,
+    data_len: usize,
     disk: &Disk<'_>,
     served: &mut Served,
+    written: &mut usize,
 ) -> Result<(), RequestError> {
-    let Parts {
-        reader,
-        writer,
-        direct,
-    } = parts;
     let mut header = [0u8; 16];
-    reader
-        .read_exact(&mut header)
-        .map_err(|_| RequestError::Malformed("header shorter than 16 bytes"))?;
+    if !chain.readable.read(0, &mut header) {
+        return Err(RequestError::Malformed("header shorter than 16 bytes"));
+    }
     let kind = le_u32(&header[0..4]);
     let sector = le_u64(&header[8..16]);
     served.op = op_of(kind);
@@ -367,18 +416,21 @@ fn execute(
     if writes && disk.read_only {
         return Err(RequestError::ReadOnly);
     }
+    // The device-readable bytes after the header.
+    let payload = chain.readable.len - header.len();
     match kind {
         types::IN => {
-            let len = writer.available_bytes();
+            let len = data_len;
             if !(len as u64).is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed("read length not a multiple of 512"));
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Read, sector, len as u64)?;
-            let slices = data_slices(chain, mem, true, 0, len)?;
+            let slices = chain.writable.range(0, len).ok_or_else(outside)?;
             // Kept until the read is done: they keep a mapping that needs
             // one (Xen) in place; a plain mmap needs none.
-            let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
+            let guards: SmallVec<[_; 4]> =
+                slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
             let mut bufs = IoBufsMut::new();
             for guard in &guards {
                 // SAFETY: the slice is guest memory that `mem` keeps mapped
@@ -397,11 +449,11 @@ fn execute(
             for slice in &slices {
                 slice.bitmap().mark_dirty(0, slice.len());
             }
-            *direct = len;
+            *written = len;
             Ok(())
         }
         types::OUT => {
-            let len = reader.available_bytes();
+            let len = payload;
             if !(len as u64).is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::Malformed(
                     "write length not a multiple of 512",
@@ -409,8 +461,11 @@ fn execute(
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Write, sector, len as u64)?;
-            let slices = data_slices(chain, mem, false, reader.bytes_read(), len)?;
-            let guards: Vec<_> = slices.iter().map(VolatileSlice::ptr_guard).collect();
+            let slices = chain
+                .readable
+                .range(header.len(), len)
+                .ok_or_else(outside)?;
+            let guards: SmallVec<[_; 4]> = slices.iter().map(VolatileSlice::ptr_guard).collect();
             let mut bufs = IoBufs::new();
             for guard in &guards {
                 // SAFETY: the slice is guest memory that `mem` keeps mapped
@@ -429,23 +484,38 @@ fn execute(
             disk.backend.flush().map_err(host)
         }
         types::GET_ID => {
-            let n = writer.available_bytes().min(ID_LEN);
-            writer
-                .write_all(&disk.id[..n])
-                .map_err(RequestError::GuestMemory)
+            let n = data_len.min(ID_LEN);
+            if !chain.writable.write(0, &disk.id[..n]) {
+                return Err(outside());
+            }
+            *written = n;
+            Ok(())
         }
-        types::DISCARD | types::WRITE_ZEROES => {
-            discard_or_write_zeroes(reader, disk, kind == types::DISCARD, served)
-        }
+        types::DISCARD | types::WRITE_ZEROES => discard_or_write_zeroes(
+            &chain.readable,
+            payload,
+            disk,
+            kind == types::DISCARD,
+            served,
+        ),
         other => Err(RequestError::Unsupported(other)),
     }
+}
+
+/// The error of data that is not in guest memory.
+fn outside() -> RequestError {
+    RequestError::GuestMemory(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "a data descriptor is outside guest memory",
+    ))
 }
 
 /// DISCARD and WRITE_ZEROES (virtio 1.2, 5.2.6): one segment (sector,
 /// num_sectors, flags), checked against the advertised limits and the
 /// spec's flag rules before anything is done.
 fn discard_or_write_zeroes(
-    reader: &mut virtio_queue::Reader<'_>,
+    readable: &Pieces<'_>,
+    len: usize,
     disk: &Disk<'_>,
     discard: bool,
     served: &mut Served,
@@ -458,7 +528,6 @@ fn discard_or_write_zeroes(
             limits::MAX_WRITE_ZEROES_SECTORS,
         )
     };
-    let len = reader.available_bytes();
     if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
         return Err(RequestError::Malformed(
             "discard/write-zeroes data is not whole 16-byte segments",
@@ -469,9 +538,9 @@ fn discard_or_write_zeroes(
         return Err(RequestError::TooManySegments(segments));
     }
     let mut segment = [0u8; SEGMENT_LEN];
-    reader
-        .read_exact(&mut segment)
-        .map_err(RequestError::GuestMemory)?;
+    if !readable.read(readable.len - len, &mut segment) {
+        return Err(outside());
+    }
     let sector = le_u64(&segment[0..8]);
     let sectors = le_u32(&segment[8..12]);
     let flags = le_u32(&segment[12..16]);
@@ -1071,12 +1140,12 @@ pub(crate) mod tests {
         );
     }
 
-    /// The data's guest memory is found again from the chain, whatever the
-    /// reader and writer checked before: a descriptor outside guest memory
-    /// is a guest-memory error (IOERR), never a panic, and the pieces
-    /// found are exactly the data bytes (header and status left out).
+    /// One walk finds every byte: the pieces are exactly the chain's
+    /// device-readable and device-writable bytes, in order, whatever the
+    /// framing; a descriptor outside guest memory (wholly or in part) is
+    /// flagged, never a panic; ranges past the end are refused.
     #[test]
-    fn data_slices_cover_the_data_and_refuse_memory_outside() {
+    fn one_walk_finds_the_pieces_and_flags_memory_outside() {
         let mem = guest_memory();
         let queue = MockSplitQueue::new(&mem, 16);
         let chain = queue
@@ -1087,15 +1156,45 @@ pub(crate) mod tests {
                 desc(STATUS, 1, F_WRITE),
             ])
             .expect("chain");
-        let readable = data_slices(&chain, &mem, false, 16, 512).expect("in memory");
-        let lens: Vec<usize> = readable.iter().map(|s| s.len()).collect();
+        let walked = ChainMemory::walk(chain, &mem);
+        assert_eq!(walked.descriptors, 4);
+        assert!(!walked.readable_outside);
+        assert!(
+            walked.writable_outside,
+            "0xff_0000 + 128 KiB ends past 16 MiB"
+        );
+        assert_eq!(walked.readable.len, 16 + 512);
+        let data = walked.readable.range(16, 512).expect("in the chain");
+        let lens: Vec<usize> = data.iter().map(|s| s.len()).collect();
         assert_eq!(lens, [100, 412]);
-        let err = data_slices(&chain, &mem, true, 0, 0x2_0000).expect_err("outside");
-        assert!(matches!(err, RequestError::GuestMemory(_)));
-        assert_eq!(err.status(), status::IOERR);
-        // Asking for more than the chain holds is the same error.
-        let err = data_slices(&chain, &mem, false, 16, 513).expect_err("too long");
-        assert_eq!(err.status(), status::IOERR);
+        assert!(
+            walked.readable.range(16, 513).is_none(),
+            "one byte too many"
+        );
+        assert!(walked.readable.range(usize::MAX, 2).is_none(), "overflow");
+
+        // Bytes split across descriptors read and write back in order.
+        mem.write_slice(&[1, 2, 3, 4], GuestAddress(DATA + 410))
+            .expect("bytes");
+        let chain = queue
+            .build_desc_chain(&[
+                desc(DATA, 411, 0),
+                desc(DATA + 411, 3, 0),
+                desc(STATUS, 1, F_WRITE),
+                desc(STATUS + 1, 2, F_WRITE),
+            ])
+            .expect("chain");
+        let walked = ChainMemory::walk(chain, &mem);
+        let mut got = [0u8; 4];
+        assert!(walked.readable.read(410, &mut got));
+        assert_eq!(got, [1, 2, 3, 4]);
+        assert!(!walked.readable.read(411, &mut got), "only 3 bytes left");
+        assert!(walked.writable.write(0, &[7, 8, 9]));
+        let mut status = [0u8; 3];
+        mem.read_slice(&mut status, GuestAddress(STATUS))
+            .expect("status");
+        assert_eq!(status, [7, 8, 9]);
+        assert!(!walked.writable.write(1, &[0; 3]), "no room");
     }
 
     #[test]
