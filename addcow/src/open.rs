@@ -5,6 +5,7 @@ use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::bitmap::{bitmap_len, MAX_BITMAP_BYTES, MAX_CHAIN_BITMAP_BYTES};
 use crate::error::{Error, IoContext, Result};
@@ -243,29 +244,54 @@ pub fn resolve_name(addcow: &Path, name: &Path) -> PathBuf {
 }
 
 /// Opens `path` for `access` and takes the matching advisory lock (exclusive
-/// for writers, shared for readers) without waiting.
+/// for writers, shared for readers), see [`lock`].
 pub fn open_locked(path: &Path, access: Access) -> Result<File> {
     let file = open_checked(path, &options_for(access), "open")?;
     lock(&file, path, access)?;
     Ok(file)
 }
 
-/// Takes an exclusive (read-write) or shared (read-only) lock without waiting.
+/// How long [`lock`] keeps trying a lock that is held: long enough to outlast
+/// a `fork`-to-`exec` window, short enough that a real holder is reported at
+/// once to a person.
+const LOCK_PATIENCE: Duration = Duration::from_millis(250);
+
+/// Takes an exclusive (read-write) or shared (read-only) lock, or reports
+/// [`Error::Locked`] when another holder keeps it.
+///
+/// A held lock is tried again for [`LOCK_PATIENCE`]: `flock` locks belong to
+/// the open file, and a child forked by any thread of this process holds a
+/// copy of every descriptor until its `exec` closes them. For that window a
+/// file this process has already closed still looks locked, and a program
+/// that spawns processes while it opens images (a test harness, a VMM with
+/// helpers) would see its own images "in use".
 pub fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
-    let taken = match access {
-        Access::ReadWrite => file.try_lock(),
-        Access::ReadOnly => file.try_lock_shared(),
-    };
-    match taken {
-        Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked {
-            path: path.to_path_buf(),
-        }),
-        Err(TryLockError::Error(source)) => Err(Error::Io {
-            path: path.to_path_buf(),
-            op: "lock",
-            source,
-        }),
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let taken = match access {
+            Access::ReadWrite => file.try_lock(),
+            Access::ReadOnly => file.try_lock_shared(),
+        };
+        match taken {
+            Ok(()) => return Ok(()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(32));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(Error::Io {
+                    path: path.to_path_buf(),
+                    op: "lock",
+                    source,
+                })
+            }
+        }
     }
 }
 
