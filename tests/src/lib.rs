@@ -14,13 +14,14 @@
 
 pub mod qemu;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+use addcow::{Access, AddCow};
 use sha2::{Digest, Sha256};
 
 /// What `resources/build.sh` printed.
@@ -112,6 +113,22 @@ pub fn addcow_cli(dir: &Path, args: &[&str]) {
         "addcow {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Asserts that the add-cow image at `path` reads as `model` (the whole
+/// virtual disk) and that exactly the clusters in `touched` are allocated.
+pub fn assert_image_is_model(path: &Path, model: &[u8], touched: &BTreeSet<u64>) {
+    let disk = AddCow::open(path, Access::ReadOnly).expect("open the add-cow image");
+    let mut merged = vec![0u8; model.len()];
+    disk.read_at(&mut merged, 0).expect("read the merged view");
+    assert!(
+        merged == model,
+        "{}: the merged view differs from the model",
+        path.display()
+    );
+    for c in 0..disk.cluster_count() {
+        assert_eq!(disk.is_allocated(c), touched.contains(&c), "cluster {c}");
+    }
 }
 
 /// SHA-256 of a file, to prove it did not change.

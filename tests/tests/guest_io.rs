@@ -10,8 +10,7 @@
 
 use std::fs;
 
-use addcow::{Access, AddCow};
-use e2e::{addcow_cli, artefacts, boot, file_hash, Disk, KernelImage};
+use e2e::{addcow_cli, artefacts, assert_image_is_model, boot, file_hash, Disk, KernelImage};
 use sha2::{Digest, Sha256};
 
 const CLUSTER: u64 = 64 << 10;
@@ -217,14 +216,7 @@ fn guest_reads_writes_and_survives_reboots() {
 
     // Host side: the merged view is the model, exactly the touched clusters
     // are allocated, and no backing file changed.
-    let disk = AddCow::open(&d.join("data.add-cow"), Access::ReadOnly).expect("open data");
-    let mut merged = vec![0u8; DISK_SIZE];
-    disk.read_at(&mut merged, 0).expect("read merged");
-    assert!(merged == model, "merged view differs from the model");
-    for c in 0..disk.cluster_count() {
-        assert_eq!(disk.is_allocated(c), touched.contains(&c), "cluster {c}");
-    }
-    drop(disk);
+    assert_image_is_model(&d.join("data.add-cow"), &model, &touched);
     assert_eq!(
         file_hash(&d.join("base.img")),
         base_hash,

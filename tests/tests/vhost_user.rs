@@ -11,9 +11,8 @@
 use std::fs;
 use std::path::Path;
 
-use addcow::{Access, AddCow};
 use e2e::qemu::{boot_qemu, Backend};
-use e2e::{boot, file_hash, workspace_binary, Disk, KernelImage};
+use e2e::{assert_image_is_model, boot, file_hash, workspace_binary, Disk, KernelImage};
 use sha2::{Digest, Sha256};
 
 const CLUSTER: u64 = 64 << 10;
@@ -175,14 +174,7 @@ fn qemu_boots_on_an_add_cow_disk_served_by_vhost_user_blk() {
 
     // The host: model bytes, exactly the touched clusters, a clean check,
     // an unchanged backing and read-only disk.
-    let disk = AddCow::open(&d.join("vu.add-cow"), Access::ReadOnly).expect("open vu");
-    let mut merged = vec![0u8; DISK_SIZE];
-    disk.read_at(&mut merged, 0).expect("read merged");
-    assert!(merged == model, "the merged disk differs from the model");
-    for c in 0..disk.cluster_count() {
-        assert_eq!(disk.is_allocated(c), touched.contains(&c), "cluster {c}");
-    }
-    drop(disk);
+    assert_image_is_model(&d.join("vu.add-cow"), &model, &touched);
     let check = addcow_cli(d, &["check", "vu.add-cow"]);
     assert!(check.status.success(), "addcow check: {check:?}");
     assert_eq!(
