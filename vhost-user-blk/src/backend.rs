@@ -400,6 +400,35 @@ mod tests {
         vring
     }
 
+    /// Publishes one request in `mock`'s ring: a header of `request_type`
+    /// for `sector`, `len` bytes of data (device-writable for a read) and
+    /// a status byte set to 0xff.
+    fn publish_request(
+        mem: &GuestMemoryMmap,
+        mock: &MockSplitQueue<'_, GuestMemoryMmap>,
+        request_type: u32,
+        sector: u64,
+        len: u32,
+    ) {
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&request_type.to_le_bytes());
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+        let data_flags = if request_type == VIRTIO_BLK_T_IN {
+            F_NEXT | F_WRITE
+        } else {
+            F_NEXT
+        };
+        let descs = [
+            RawDescriptor::from(Descriptor::new(HEADER, 16, F_NEXT, 1)),
+            RawDescriptor::from(Descriptor::new(DATA, len, data_flags, 2)),
+            RawDescriptor::from(Descriptor::new(STATUS, 1, F_WRITE, 0)),
+        ];
+        mock.add_desc_chains(&descs, 0).expect("chain");
+    }
+
     /// The features and configuration space are vmm's device's (one
     /// virtio-blk, two transports), plus vhost-user's protocol features.
     #[test]
@@ -431,18 +460,7 @@ mod tests {
         let (backend, _, stopped) = backend(false);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
         let mock = MockSplitQueue::new(&mem, 16);
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-        header[8..].copy_from_slice(&3u64.to_le_bytes());
-        mem.write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
-        let descs = [
-            RawDescriptor::from(Descriptor::new(HEADER, 16, F_NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(DATA, 1024, F_NEXT | F_WRITE, 2)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, F_WRITE, 0)),
-        ];
-        mock.add_desc_chains(&descs, 0).expect("chain");
+        publish_request(&mem, &mock, VIRTIO_BLK_T_IN, 3, 1024);
         let vring = vring(&backend, &mem, &mock);
         backend
             .handle_event(REQUEST_QUEUE, EventSet::IN, std::slice::from_ref(&vring), 0)
@@ -472,16 +490,7 @@ mod tests {
         let (backend, _, _) = backend(false);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
         let mock = MockSplitQueue::new(&mem, 16);
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-        mem.write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        let descs = [
-            RawDescriptor::from(Descriptor::new(HEADER, 16, F_NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(DATA, 512, F_NEXT | F_WRITE, 2)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, F_WRITE, 0)),
-        ];
-        mock.add_desc_chains(&descs, 0).expect("chain");
+        publish_request(&mem, &mock, VIRTIO_BLK_T_IN, 0, 512);
         let used_idx = |mem: &GuestMemoryMmap| -> u16 {
             mem.read_obj(GuestAddress(mock.used_addr().0 + 2))
                 .expect("used idx")
@@ -534,16 +543,7 @@ mod tests {
         let (backend, _, _) = backend(false);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
         let mock = MockSplitQueue::new(&mem, 16);
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-        mem.write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        let descs = [
-            RawDescriptor::from(Descriptor::new(HEADER, 16, F_NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(DATA, 512, F_NEXT | F_WRITE, 2)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, F_WRITE, 0)),
-        ];
-        mock.add_desc_chains(&descs, 0).expect("chain");
+        publish_request(&mem, &mock, VIRTIO_BLK_T_IN, 0, 512);
         let old = vring(&backend, &mem, &mock);
         backend.inner.resume.write(1).expect("pending resume");
         backend.disconnected();
@@ -606,17 +606,7 @@ mod tests {
             BlkBackend::new(disk, false, *b"acow-0123456789abcde", exit, on_stop).expect("backend");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
         let mock = MockSplitQueue::new(&mem, 16);
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-        mem.write_slice(&header, GuestAddress(HEADER))
-            .expect("header");
-        mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
-        let descs = [
-            RawDescriptor::from(Descriptor::new(HEADER, 16, F_NEXT, 1)),
-            RawDescriptor::from(Descriptor::new(DATA, 512, F_NEXT, 2)),
-            RawDescriptor::from(Descriptor::new(STATUS, 1, F_WRITE, 0)),
-        ];
-        mock.add_desc_chains(&descs, 0).expect("chain");
+        publish_request(&mem, &mock, VIRTIO_BLK_T_OUT, 0, 512);
         let vring = vring(&backend, &mem, &mock);
         backend
             .handle_event(REQUEST_QUEUE, EventSet::IN, std::slice::from_ref(&vring), 0)
