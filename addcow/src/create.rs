@@ -11,7 +11,7 @@ use crate::header::{BackingFormat, BackingRef, Header, MAX_CLUSTER_BITS, MIN_CLU
 use crate::image::{Access, AddCow};
 use crate::open::MAX_CHAIN_DEPTH;
 use crate::open::{lock, open_checked, options_for, resolve_name, ChainFile, FileId};
-use crate::storage::file_size;
+use crate::storage::{file_size, unlock_before_close, FileStorage};
 
 /// What [`create`] makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ struct Base {
     /// Memory the chain's bitmaps take.
     bitmap_bytes: u64,
     /// Open handles: they keep the locks until create is done.
-    _raw: Option<File>,
+    _raw: Option<FileStorage>,
     _addcow: Option<AddCow>,
 }
 
@@ -114,7 +114,7 @@ fn open_base(path: &Path, backing_path: &Path, format: BackingFormat) -> Result<
                 size,
                 files,
                 bitmap_bytes: 0,
-                _raw: Some(file),
+                _raw: Some(FileStorage::new(file)),
                 _addcow: None,
             })
         }
@@ -142,6 +142,12 @@ fn open_base(path: &Path, backing_path: &Path, format: BackingFormat) -> Result<
 struct Target {
     file: File,
     created: bool,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        unlock_before_close(&self.file);
+    }
 }
 
 fn open_target(path: &Path) -> Result<Target> {

@@ -141,10 +141,30 @@ fn copy_through_buffer<S: Storage + ?Sized>(
     Ok(())
 }
 
-/// A [`Storage`] on a host file.
+/// A [`Storage`] on a host file. Dropping it releases the file's lock
+/// before closing it (see [`unlock_before_close`]).
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        unlock_before_close(&self.file);
+    }
+}
+
+/// Releases `file`'s advisory lock, if it holds one, ahead of its close.
+///
+/// `flock` locks belong to the open file, and a child that any thread of
+/// this process forks holds a copy of every descriptor until its `exec`: a
+/// lock merely closed lives on in that copy, and the next open of the file,
+/// here or in another process, would find it "in use". An unlock releases
+/// the lock for every copy. No descriptor of a disk file is ever
+/// duplicated, so no other handle loses a lock it needs.
+pub(crate) fn unlock_before_close(file: &File) {
+    // Nothing to do on failure: the close releases the lock anyway.
+    let _ = file.unlock();
 }
 
 impl FileStorage {

@@ -4,11 +4,25 @@
 //! descriptor from `fork` until `exec` closes them, and `flock` locks belong
 //! to the open file, so for that window a lock outlives its `close`.
 
+use std::fs;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use addcow::{Access, AddCow, CreateOptions};
+
+/// A 1 MiB image without backing, its image file `image` beside it.
+fn standalone(image: &str) -> CreateOptions {
+    CreateOptions {
+        image: image.into(),
+        backing: None,
+        cluster_bits: 16,
+        size: Some(1 << 20),
+    }
+}
 
 #[test]
 fn closed_images_are_not_locked_while_another_thread_spawns_processes() {
@@ -28,15 +42,7 @@ fn closed_images_are_not_locked_while_another_thread_spawns_processes() {
     let mut failures = Vec::new();
     for i in 0..300 {
         let path = dir.path().join(format!("t{i}.add-cow"));
-        let created = addcow::create(
-            &path,
-            &CreateOptions {
-                image: format!("t{i}.raw").into(),
-                backing: None,
-                cluster_bits: 16,
-                size: Some(1 << 20),
-            },
-        );
+        let created = addcow::create(&path, &standalone(&format!("t{i}.raw")));
         // Create, then open for writing, then for reading: each step closes
         // what the one before locked.
         let result = created
@@ -55,4 +61,56 @@ fn closed_images_are_not_locked_while_another_thread_spawns_processes() {
         "{} of 300 failed: {failures:?}",
         failures.len()
     );
+}
+
+/// Copies (as `fork` makes them, same open file) of every descriptor this
+/// process has open on `path`.
+fn copies_of_descriptors_on(path: &Path) -> Vec<OwnedFd> {
+    let target = fs::canonicalize(path).expect("canonicalize");
+    fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let fd: RawFd = entry.file_name().to_str()?.parse().ok()?;
+            (fs::read_link(entry.path()).ok()? == target).then_some(fd)
+        })
+        .filter_map(|fd| {
+            // SAFETY: `fd` is only duplicated here. It named `path` a moment
+            // ago, and the caller keeps the image on `path` open (only it has
+            // the file open), so the descriptor is still open and still that
+            // file.
+            unsafe { BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .ok()
+        })
+        .collect()
+}
+
+/// Deterministic form of the race above: a copy of each descriptor of an
+/// open image (what a forked child holds) outlives the image's close, and
+/// the image opens again for writing at once.
+#[test]
+fn a_copy_of_a_closed_images_descriptor_does_not_keep_its_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.add-cow");
+    addcow::create(&path, &standalone("t.raw")).expect("create");
+    let disk = AddCow::open(&path, Access::ReadWrite).expect("open");
+    let mut copies = copies_of_descriptors_on(&path);
+    copies.extend(copies_of_descriptors_on(&dir.path().join("t.raw")));
+    assert_eq!(
+        copies.len(),
+        2,
+        "one descriptor each on the add-cow and image file"
+    );
+    drop(disk);
+    let started = Instant::now();
+    let again = AddCow::open(&path, Access::ReadWrite);
+    assert!(again.is_ok(), "reopen: {:?}", again.err());
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "the reopen waited {:?} for a lock a closed image kept",
+        started.elapsed()
+    );
+    drop(again);
+    drop(copies);
 }

@@ -54,20 +54,8 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, Vec<u8>)> {
     files
 }
 
-/// Serializes this file's tests. Some spawn processes (losetup, mount, the
-/// CLI) while others create, close and reopen images in this process: between
-/// fork and exec a child holds a copy of every descriptor of this process, and
-/// so of a lock just released here, and the reopen would see `Locked`.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[test]
 fn create_checks_the_whole_chain_before_writing() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     fs::write(d.join("base.raw"), pattern(1 << 16, 1)).expect("base");
@@ -151,7 +139,6 @@ fn create_checks_the_whole_chain_before_writing() {
 
 #[test]
 fn an_all_allocated_image_opens_without_its_bitmap() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     fs::write(d.join("base.img"), pattern(1 << 20, 3)).expect("base");
@@ -186,7 +173,6 @@ fn an_all_allocated_image_opens_without_its_bitmap() {
 
 #[test]
 fn image_name_equal_to_backing_name_is_refused_even_when_all_allocated() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     fs::write(d.join("base.img"), pattern(1 << 16, 3)).expect("base");
@@ -291,7 +277,6 @@ impl Storage for FlakyFile {
 
 #[test]
 fn a_failed_image_sync_fails_every_later_flush() {
-    let _serial = serial();
     let header = Header::new(
         12,
         Path::new("t.raw"),
@@ -388,7 +373,6 @@ impl Drop for Loop {
 
 #[test]
 fn block_devices_work_as_backing_image_and_raw_disk() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let base = pattern(1 << 20, 7);
@@ -469,7 +453,6 @@ fn block_devices_work_as_backing_image_and_raw_disk() {
 
 #[test]
 fn a_loop_device_over_a_chain_file_is_that_file() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let base = pattern(1 << 20, 3);
@@ -557,7 +540,6 @@ fn a_loop_device_over_a_chain_file_is_that_file() {
 
 #[test]
 fn create_refuses_a_block_device_as_addcow_file_before_writing() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     fs::write(d.join("meta.img"), vec![0x77; 1 << 20]).expect("meta");
@@ -579,7 +561,6 @@ fn create_refuses_a_block_device_as_addcow_file_before_writing() {
 
 #[test]
 fn a_loop_device_attached_to_nothing_is_refused() {
-    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // After a reboot a header's /dev/loopN still opens, as an empty device:
@@ -647,7 +628,6 @@ impl Drop for SmallFs {
 
 #[test]
 fn create_on_a_full_disk_leaves_the_image_file_as_it_was() {
-    let _serial = serial();
     let Some(fs_) = SmallFs::mount(1 << 20) else {
         return;
     };
