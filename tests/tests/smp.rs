@@ -1,5 +1,5 @@
-//! `--vcpus 2`: the guest brings up both CPUs, sees a consistent topology
-//! and the TSC-deadline timer,
+//! `--vcpus 2`: the guest brings up both CPUs (from the ACPI MADT), sees a
+//! consistent topology, the TSC-deadline timer and its disks in the DSDT,
 //! and does disk I/O from each of them (pinned with `taskset`); the host then
 //! checks every byte each CPU wrote. One boot, many checks.
 
@@ -65,6 +65,8 @@ for c in 0 1; do
     check "apicid$c" "$(grep ^apicid /proc/cpuinfo | sed -n "$((c + 1))p" | tr -dc 0-9)"
 done
 check tsc_deadline "$(grep -c tsc_deadline_timer /proc/cpuinfo)"
+check madt "$(dmesg | grep -c 'Using ACPI (MADT) for SMP configuration')"
+check acpi_disks "$(for d in /sys/block/vd*; do readlink -f $d/device; done | grep -c /LNRO0005:)"
 for c in 0 1; do
     taskset -c $c sh -c "
         dd if=/dev/vdb of=/dev/vda bs=64k skip=$c seek=$c count=1 iflag=direct oflag=direct conv=fsync 2>/dev/null &&
@@ -118,6 +120,10 @@ exit 0
         assert_eq!(run.check(&format!("package{c}")), "0-1", "{report}");
         assert_eq!(run.check(&format!("apicid{c}")), c.to_string(), "{report}");
     }
+    // The CPUs came from the ACPI MADT, the disks (two and the script's)
+    // from the DSDT.
+    assert_eq!(run.check("madt"), "1", "{report}");
+    assert_eq!(run.check("acpi_disks"), "3", "{report}");
     assert_eq!(
         run.check("tsc_deadline"),
         "2",
