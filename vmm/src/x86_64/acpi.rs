@@ -12,7 +12,9 @@
 //!
 //! The tables live in the BIOS area at 0xE0000, where Linux finds the RSDP
 //! by scanning. Kernels without ACPI use the MP table and the
-//! `virtio_mmio.device=` command line instead, which are kept.
+//! `virtio_mmio.device=` command line instead, which are kept: a kernel
+//! with ACPI keeps the DSDT's devices and fails to probe the command line's
+//! copies of them (`-EBUSY`, harmless).
 
 use acpi_tables::aml::{
     Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO,
