@@ -121,64 +121,41 @@ const XSAVE_LEAF: u32 = 0xd;
 const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 
 /// KVM PV feature bits (leaf 0x4000_0001 EAX) hidden on hosts without
-/// VT-x/AMD-V: PV_UNHALT (7), PV_TLB_FLUSH (9), PV_SEND_IPI (11) and
-/// PV_SCHED_YIELD (13). Only 11 is shown to be needed; 7, 9 and 13 stay
-/// hidden because nothing measured so far shows that showing them is safe:
+/// VT-x/AMD-V: PV_SEND_IPI (11) alone, the minimal set.
 ///
 /// - PV_SEND_IPI (11) is needed: with it Linux sends IPIs with the
 ///   KVM_HC_SEND_IPI hypercall instead of writing the local APIC's ICR, and
 ///   the secondary CPU never completes its boot ("Booting SMP
 ///   configuration" hangs, as with QEMU `-cpu host`). Hiding it alone
-///   brought both CPUs up.
-/// - PV_TLB_FLUSH (9) is not shown to be needed. With only 11 hidden, init
-///   on CPU 1 once segfaulted on the zero it read from its TLS, which looked
-///   like a missed remote TLB flush. But the same segfault (init\[1\],
-///   `mov %fs:0,%rax` then a load through the 0 it read, "likely on CPU 1")
-///   came again with all four hidden, when the guest does not use the PV
-///   flush at all (no "KVM setup pv remote TLB flush" line), and with 9 and
-///   11 hidden: it is an intermittent SMP fault of its own (2 of the last 3 boots
-///   below), and says nothing about bit 9. Its cause was FSGSBASE
-///   ([`LEAF7_EBX_HIDDEN_WITHOUT_HW_VIRT`]), now hidden.
-/// - PV_UNHALT (7) is read only by `kvm_spinlock_init`, which the project's
-///   guest kernel does not have (it is built without
-///   CONFIG_PARAVIRT_SPINLOCKS: its vmlinux holds no "PV spinlocks" text).
-///   For this guest the bit changes nothing, so this guest cannot measure
-///   it; a guest with PV spinlocks would halt in lock waits and count on the
-///   KVM_HC_KICK_CPU hypercall to wake it, which is untested on this backend.
-/// - PV_SCHED_YIELD (13) is used when shown (the guest prints "kvm-guest:
-///   setup PV sched yield": KVM offers steal time too). The one boot with it
-///   shown on a lightly loaded host did not stall; whether it is safe is
-///   not settled: the segfault below spoiled the runs that could tell.
+///   brings both CPUs up.
+/// - PV_UNHALT (7), PV_TLB_FLUSH (9) and PV_SCHED_YIELD (13) are served:
+///   shown, the guest prints "PV spinlocks enabled" (a kernel built with
+///   CONFIG_PARAVIRT_SPINLOCKS: lock waiters halt and are woken with the
+///   KVM_HC_KICK_CPU hypercall), "KVM setup pv remote TLB flush" and "setup
+///   PV sched yield", and they are used when a vCPU is preempted. Measured
+///   2026-12-03 on this project's 2-core host with a stress script in a
+///   2-vCPU guest (4 shells spawning 100 processes each, each pinned with
+///   `taskset` to alternating CPUs, a fifth shell moving the four between
+///   the CPUs; `dmesg` counted segfaults), one boot each:
 ///
-/// Measured with `tests/tests/smp.rs` (2 vCPUs, I/O from both) on this
-/// project's 2-core host, vmm at nice -10, with other engineers' guests
-/// running:
+///   | hidden | host beside the guest | stress time, guest s | faults |
+///   |---|---|---:|---:|
+///   | 11 | idle | 142 | 0 |
+///   | 7, 9, 11, 13 | idle | 151 | 0 |
+///   | 11 | a busy loop and a `cargo build` | 241 | 0 |
+///   | 11, PV spinlocks in the kernel | a busy loop | 230 | 0 |
+///   | 7, 9, 11, 13 | a busy loop and a kernel build | 268 | 0 |
 ///
-/// - Earlier: five 2-vCPU boots at load averages of 9-13 all brought both
-///   CPUs up and then stalled for 4-20 minutes at the switch to kvm-clock,
-///   whichever of 7, 9 and 13 were hidden. With all four hidden the test
-///   passed in 18 minutes at a load average of 5-9.
-/// - 9 and 11 hidden (7 and 13 shown), load 7-10: both CPUs up at 31 s
-///   (guest time); "Switched to clocksource kvm-clock" at 45 s, the next line
-///   at 427 s; the virtio-mmio devices at 436 s, then nothing until the
-///   harness's timeout at 900 s (host time). No crash; a stall.
-/// - All four hidden, load 7-8 (one 1-vCPU guest of this branch beside it):
-///   both CPUs up at 34 s; the line after the kvm-clock switch 131 s
-///   later, the switch to the TSC clocksource 206 s after it was
-///   registered; then init segfaulted on CPU 1 as above (kernel panic at
-///   535 s, 650 s host time). Failed.
-/// - 9 and 11 hidden again, load 3-5: no stall (kvm-clock at 20 s, the
-///   TSC at 24 s); /init at 197 s; every check right but one: a `cat` on
-///   CPU 1 segfaulted at the same instruction (ip 0x4a4d02 in busybox), so
-///   core_id0 came back empty. Failed, 11 minutes host time.
+///   The busy loop makes the host preempt vCPUs, which is when these paths
+///   run. No stall, no fault: showing 7, 9 and 13 costs nothing here.
 ///
-/// The stalls come at clocksource switches, which stop the machine (both
-/// vCPUs must run at once, and on a loaded 2-core host they seldom do),
-/// with every set of bits tried, hidden or shown: they follow the host's
-/// load, not these bits. Settling 7, 9 and 13 needs repeated boots on a
-/// quiet host (about 140 s each there), since both the stall and the
-/// segfault are intermittent.
-pub const PV_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[7, 9, 11, 13]);
+/// Earlier sessions hid all four, having seen stalls at clocksource
+/// switches and user-mode segfaults whichever of 7, 9 and 13 were hidden:
+/// the stalls followed the host's load (a clocksource switch stops the
+/// machine until every vCPU runs), and the segfaults were FSGSBASE's
+/// ([`LEAF7_EBX_HIDDEN_WITHOUT_HW_VIRT`], which also tells of the rarer
+/// fault left).
+pub const PV_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[11]);
 
 /// Leaf 7.0 EBX bit 0, FSGSBASE, hidden on hosts without VT-x/AMD-V.
 ///
@@ -186,17 +163,24 @@ pub const PV_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[7, 9, 11, 13]);
 /// on the PVM backend a user process then intermittently reads its thread
 /// pointer's data as zeros: busybox's `mov %fs:-0x90,%rax` followed by a
 /// load through the 0 it read ("segfault at 0 ip 4a4d02"), on either CPU.
+/// Hidden, Linux uses the FS-base MSR. Like other bits on that backend,
+/// hiding it here does not reach every guest (the guest still listed
+/// `fsgsbase` and segfaulted once in 2 runs), so the guest command line
+/// from `resources/` also says `nofsgsbase`. On hosts with VT-x/AMD-V the
+/// instructions run in hardware and stay offered.
+///
 /// Measured with `tests/tests/smp.rs` (2 vCPUs) on the project's 2-core
-/// host, 2026-12-02: with FSGSBASE shown, 2 of 2 runs segfaulted (CPU 0 once,
-/// CPU 1 once; earlier sessions saw it 2 times in 3 and blamed PV_TLB_FLUSH);
-/// with the guest told `nofsgsbase`, 6 runs were clean, and then a full test
-/// run saw it once more: it is rarer (1 boot in 8), not gone, and its cause
-/// is still open (`tests/tests/smp.rs`, `PVM_SEGFAULT`). Linux then uses
-/// the FS-base MSR. Like other bits on that
-/// backend, hiding it here does not reach every guest (the guest still
-/// listed `fsgsbase` and segfaulted once in 2 runs), so the guest command
-/// line from `resources/` also says `nofsgsbase`. On hosts with VT-x/AMD-V
-/// the instructions run in hardware and stay offered.
+/// host, 2026-12-02: with FSGSBASE shown, 2 of 2 runs segfaulted (CPU 0
+/// once, CPU 1 once; earlier sessions saw it 2 times in 3 and blamed
+/// PV_TLB_FLUSH); with the guest told `nofsgsbase`, 6 runs were clean, and
+/// then a full test run saw it once more: it is rarer (1 boot in 8), not
+/// gone, and its cause is still open (`tests/tests/smp.rs`,
+/// `PVM_SEGFAULT`). It did not come in the stress runs of
+/// [`PV_HIDDEN_WITHOUT_HW_VIRT`] (about 2800 process starts in seven 2-vCPU
+/// boots, 2026-12-03, idle and loaded host), nor under QEMU 7.2 microvm
+/// with `-smp 2 -cpu qemu64,-cx16,-popcnt` (a first version of the same
+/// stress, one boot each: 134 s, vmm 164 s; neither offered 7, 9, 11, 13). The guest sees neither PCID,
+/// INVPCID nor FSGSBASE (its `/proc/cpuinfo`), so they are not its cause.
 pub const LEAF7_EBX_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[0]);
 
 /// What the host and KVM offer that a vCPU's CPUID depends on.
@@ -511,6 +495,13 @@ mod tests {
         let offered = 0x0100_7efb;
         assert_eq!(pv(&NO_HW_VIRT), offered & !PV_HIDDEN_WITHOUT_HW_VIRT);
         assert_eq!(pv(&NO_HW_VIRT) & (1 << 11), 0, "PV_SEND_IPI");
+        for (bit, name) in [
+            (7, "PV_UNHALT"),
+            (9, "PV_TLB_FLUSH"),
+            (13, "PV_SCHED_YIELD"),
+        ] {
+            assert_ne!(pv(&NO_HW_VIRT) & (1 << bit), 0, "{name} is served");
+        }
         assert_ne!(pv(&NO_HW_VIRT) & (1 << 3), 0, "kvmclock stays");
         assert_eq!(pv(&HW_VIRT), offered);
     }
