@@ -156,6 +156,11 @@ impl Disk {
 }
 
 /// Which kernel image a boot uses.
+///
+/// Most tests boot the vmlinux: on KVM's PVM backend (no VT-x/AMD-V) the
+/// bzImage's decompressor takes ~8.5 s of wall time before the kernel's
+/// clock starts; the ELF vmlinux has none to run. A few boots (the reboot
+/// test, every other soak round) keep the bzImage path tested.
 #[derive(Debug, Clone, Copy)]
 pub enum KernelImage {
     /// The compressed bzImage.

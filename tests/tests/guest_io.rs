@@ -138,7 +138,7 @@ fn guest_reads_writes_and_survives_reboots() {
     let mut durable_checked = false;
     let run = boot(
         d,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(d.join("data.add-cow"), ""),

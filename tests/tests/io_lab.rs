@@ -101,7 +101,7 @@ fn cut_blocks(dir: &Path, name: &str, options: &str) -> (PathBuf, Run) {
     let disk = add_cow(dir, name, "base.img", 16);
     let run = boot(
         dir,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(&disk, options),
@@ -222,7 +222,7 @@ fn ext4_survives_a_power_cut() {
          i=0; while true; do dd if=/dev/vdb of=/mnt/later$i bs=4096 count=8 conv=fsync 2>/dev/null; rm -f /mnt/later$((i - 3)); i=$((i + 1)); done\n";
     let run = boot(
         d,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(&disk, ",power-cut-after-writes=150"),
@@ -385,7 +385,7 @@ fn injected_errors_and_the_trace_of_a_scripted_run() {
     fs::write(&slow, pattern(DISK_SIZE, 6)).expect("slow disk");
     let run = boot(
         d,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(

@@ -175,7 +175,7 @@ fn sigterm_during_guest_writes_keeps_what_the_guest_flushed() {
     let mut signalled = false;
     let run = boot_with(
         d,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(d.join("data.add-cow"), ""),

@@ -88,7 +88,7 @@ exit 0
         Disk::new(d.join("source.img"), ",ro,format=raw"),
     ];
     let hw_virt = host_has_hardware_virtualization();
-    let mut run = boot_smp(d, KernelImage::BzImage, 2, "", &disks, script, |_| None);
+    let mut run = boot_smp(d, KernelImage::Vmlinux, 2, "", &disks, script, |_| None);
     if !hw_virt && run.console.contains(PVM_SEGFAULT) {
         // The open intermittent user-mode fault (see PVM_SEGFAULT): one
         // more boot, on a fresh target; a second fault fails the test.
@@ -97,7 +97,7 @@ exit 0
             run.console
         );
         fs::write(d.join("target.img"), vec![0u8; 4 * CHUNK]).expect("target disk");
-        run = boot_smp(d, KernelImage::BzImage, 2, "", &disks, script, |_| None);
+        run = boot_smp(d, KernelImage::Vmlinux, 2, "", &disks, script, |_| None);
     }
     let report = format!("console:\n{}\nstderr:\n{}", run.console, run.stderr);
     assert_eq!(run.status, Some(0), "{report}");

@@ -134,7 +134,7 @@ fn zeroout_keeps_space_and_discard_frees_only_whole_clusters() {
     let mut seen = Vec::new();
     let run = boot(
         d,
-        KernelImage::BzImage,
+        KernelImage::Vmlinux,
         "",
         &[
             Disk::new(&raw, ",format=raw"),
