@@ -202,9 +202,9 @@ impl FileStorage {
 /// Most pieces one `preadv`/`pwritev` takes (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
 
-/// `preadv` (`write == false`) or `pwritev` of all of `list` at `offset`,
-/// again after short transfers and `EINTR`. The list is only copied when a
-/// transfer comes back short.
+/// `preadv` (`write == false`) or `pwritev` of all of `list` at `offset`
+/// (`pread`/`pwrite` for one piece), again after short transfers and
+/// `EINTR`. The list is only copied when a transfer comes back short.
 ///
 /// # Safety
 ///
@@ -228,15 +228,18 @@ unsafe fn transfer_all(
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
         let count = (iov.len() - first).min(IOV_MAX);
-        let ptr = iov[first..].as_ptr();
-        // SAFETY: `ptr..ptr + count` are initialised iovecs of `iov`; the
+        let fd = file.as_raw_fd();
+        // SAFETY: `iov[first..first + count]` are initialised iovecs; the
         // memory they describe is valid for this transfer (the caller's
-        // contract); the descriptor is owned by `file` and open.
+        // contract); the descriptor is owned by `file` and open. One piece
+        // goes to `pread`/`pwrite`, which skip copying in an iovec array
+        // (most requests have one data piece).
         let ret = unsafe {
-            if write {
-                libc::pwritev(file.as_raw_fd(), ptr, count as libc::c_int, off)
-            } else {
-                libc::preadv(file.as_raw_fd(), ptr, count as libc::c_int, off)
+            match (count, write) {
+                (1, true) => libc::pwrite(fd, iov[first].iov_base, iov[first].iov_len, off),
+                (1, false) => libc::pread(fd, iov[first].iov_base, iov[first].iov_len, off),
+                (_, true) => libc::pwritev(fd, iov[first..].as_ptr(), count as libc::c_int, off),
+                (_, false) => libc::preadv(fd, iov[first..].as_ptr(), count as libc::c_int, off),
             }
         };
         if ret < 0 {
