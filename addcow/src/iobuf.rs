@@ -12,6 +12,12 @@
 
 use std::marker::PhantomData;
 
+use smallvec::SmallVec;
+
+/// The pieces of a buffer list: up to four inline (a request has one or a
+/// few), so that making a list for one I/O does not allocate.
+type IovList = SmallVec<[libc::iovec; 4]>;
+
 /// A raw piece of a buffer list.
 #[derive(Clone, Copy)]
 struct Piece {
@@ -21,9 +27,9 @@ struct Piece {
 
 /// The pieces of `list` that cover `[start, start + len)` of its bytes;
 /// `None` when the range is not inside the list.
-fn sub_range(list: &[libc::iovec], start: usize, len: usize) -> Option<Vec<libc::iovec>> {
+fn sub_range(list: &[libc::iovec], start: usize, len: usize) -> Option<IovList> {
     let end = start.checked_add(len)?;
-    let mut out = Vec::new();
+    let mut out = IovList::new();
     let mut at = 0usize;
     for iov in list {
         let (from, to) = (at, at + iov.iov_len);
@@ -55,7 +61,7 @@ fn iovec(piece: Piece) -> libc::iovec {
 
 /// Memory a vectored write takes its bytes from, in order.
 pub struct IoBufs<'a> {
-    iov: Vec<libc::iovec>,
+    iov: IovList,
     len: usize,
     _memory: PhantomData<&'a [u8]>,
 }
@@ -79,7 +85,7 @@ impl<'a> IoBufs<'a> {
     /// An empty list.
     pub fn new() -> Self {
         IoBufs {
-            iov: Vec::new(),
+            iov: IovList::new(),
             len: 0,
             _memory: PhantomData,
         }
@@ -189,7 +195,7 @@ impl<'a> IoBufs<'a> {
 
 /// Memory a vectored read fills, in order.
 pub struct IoBufsMut<'a> {
-    iov: Vec<libc::iovec>,
+    iov: IovList,
     len: usize,
     _memory: PhantomData<&'a mut [u8]>,
 }
@@ -213,7 +219,7 @@ impl<'a> IoBufsMut<'a> {
     /// An empty list.
     pub fn new() -> Self {
         IoBufsMut {
-            iov: Vec::new(),
+            iov: IovList::new(),
             len: 0,
             _memory: PhantomData,
         }

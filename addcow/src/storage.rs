@@ -258,13 +258,14 @@ unsafe fn transfer_all(
         }
         let mut done = ret as usize;
         offset += done as u64;
-        let iov = owned.get_or_insert_with(|| list.to_vec());
+        // Whole pieces done are skipped in place; only a piece done in part
+        // needs its start moved, in a copy of the list.
         while first < iov.len() && done >= iov[first].iov_len {
             done -= iov[first].iov_len;
             first += 1;
         }
         if done > 0 {
-            let piece = &mut iov[first];
+            let piece = &mut owned.get_or_insert_with(|| list.to_vec())[first];
             piece.iov_base = piece.iov_base.cast::<u8>().wrapping_add(done).cast();
             piece.iov_len -= done;
         }
