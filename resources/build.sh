@@ -148,7 +148,9 @@ busybox_tree_spec() {
 }
 
 initrd_spec=$(busybox_tree_spec "$here/initramfs")
-initrd_key=$(inputs_hash "busybox=$busybox_version $initrd_spec" "$here/initramfs/init")
+# The key: the spec without this checkout's path, and every overlay file.
+mapfile -t initrd_files < <(find "$here/initramfs" -type f | sort)
+initrd_key=$(inputs_hash "busybox=$busybox_version ${initrd_spec//"$here"/}" "${initrd_files[@]}")
 initrd=$cache/initramfs-$initrd_key.cpio
 if [ ! -f "$initrd" ]; then
     log "building the initramfs"
