@@ -1,7 +1,9 @@
 //! Harness for tests that boot real guests through the `vmm` binary.
 //!
-//! A boot is expensive on hosts without hardware virtualization (~20 s to
-//! /init), so each test boots a few times and runs a script of many checks.
+//! A boot is expensive on hosts without hardware virtualization (~11 s of
+//! guest clock to /init, ~15 s of wall time for a whole boot of the
+//! vmlinux), so each test boots a few times and runs a script of many
+//! checks.
 //! The script travels on an extra read-only raw disk (the last one) and is
 //! run by the initramfs's /init (`addcow.run=`), which hands its exit status
 //! to the VMM's exit port. The guest reports results as `CHECK name value`
@@ -159,8 +161,10 @@ impl Disk {
 ///
 /// Most tests boot the vmlinux: on KVM's PVM backend (no VT-x/AMD-V) the
 /// bzImage's decompressor takes ~8.5 s of wall time before the kernel's
-/// clock starts; the ELF vmlinux has none to run. A few boots (the reboot
-/// test, every other soak round) keep the bzImage path tested.
+/// clock starts; the ELF vmlinux has none to run. A few boots keep the
+/// bzImage path tested: the reboot test, the second soak round and the
+/// boots of `tests/tests/power.rs` (a piped script, the demo's root); none
+/// with more than one vCPU.
 #[derive(Debug, Clone, Copy)]
 pub enum KernelImage {
     /// The compressed bzImage.

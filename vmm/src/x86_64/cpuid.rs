@@ -133,10 +133,11 @@ const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
 ///   CONFIG_PARAVIRT_SPINLOCKS: lock waiters halt and are woken with the
 ///   KVM_HC_KICK_CPU hypercall), "KVM setup pv remote TLB flush" and "setup
 ///   PV sched yield", and they are used when a vCPU is preempted. Measured
-///   2026-12-03 on this project's 2-core host with a stress script in a
-///   2-vCPU guest (4 shells spawning 100 processes each, each pinned with
-///   `taskset` to alternating CPUs, a fifth shell moving the four between
-///   the CPUs; `dmesg` counted segfaults), one boot each:
+///   2026-12-03 on this project's 2-core host with `scripts/smp-stress.sh`
+///   in a 2-vCPU guest (4 shells starting 100 processes each, each pinned
+///   with `taskset` to alternating CPUs, a fifth shell moving the four
+///   between the CPUs; `dmesg` counted segfaults), one boot per row, so
+///   this shows these paths work here, not that they never fail:
 ///
 ///   | hidden | host beside the guest | stress time, guest s | faults |
 ///   |---|---|---:|---:|
@@ -179,8 +180,9 @@ pub const PV_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[11]);
 /// [`PV_HIDDEN_WITHOUT_HW_VIRT`] (about 2800 process starts in seven 2-vCPU
 /// boots, 2026-12-03, idle and loaded host), nor under QEMU 7.2 microvm
 /// with `-smp 2 -cpu qemu64,-cx16,-popcnt` (a first version of the same
-/// stress, one boot each: 134 s, vmm 164 s; neither offered 7, 9, 11, 13). The guest sees neither PCID,
-/// INVPCID nor FSGSBASE (its `/proc/cpuinfo`), so they are not its cause.
+/// stress, one boot each: 134 s, vmm 164 s; neither offered 7, 9, 11, 13).
+/// The guest (told `nofsgsbase`) lists neither PCID, INVPCID nor FSGSBASE
+/// in its `/proc/cpuinfo`, so those are not the cause.
 pub const LEAF7_EBX_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[0]);
 
 /// What the host and KVM offer that a vCPU's CPUID depends on.

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# SMP stress of the test guest, under vmm or QEMU microvm (the peer): four
+# shells each start PROCS processes, every one pinned with `taskset` to
+# alternating CPUs, while a fifth shell moves the four between the CPUs.
+# Prints the guest seconds it took and how many segfaults `dmesg` counted.
+# This is how the KVM PV feature bits of vmm/src/x86_64/cpuid.rs were
+# measured; a busy loop on the host beside it makes the host preempt vCPUs.
+# Usage: scripts/smp-stress.sh [--qemu] [PROCS]   (default 100; 2 vCPUs)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+engine=vmm
+if [ "${1:-}" = --qemu ]; then engine=qemu; shift; fi
+procs=${1:-100}
+case $procs in '' | *[!0-9]*) echo "usage: $0 [--qemu] [PROCS]" >&2; exit 2 ;; esac
+
+eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
+work=$(mktemp -d /var/tmp/smp-stress.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cat > "$work/script.sh" <<EOF
+N=$procs
+EOF
+cat >> "$work/script.sh" <<'EOF'
+t0=$(cut -d' ' -f1 /proc/uptime)
+pids=
+for w in 0 1 2 3; do
+    (
+        i=0
+        while [ $i -lt $N ]; do
+            taskset -c $(( (i + w) % 2 )) cat /proc/self/stat > /dev/null
+            i=$((i + 1))
+        done
+    ) &
+    pids="$pids $!"
+done
+(
+    j=0
+    while [ $j -lt $((N / 2)) ]; do
+        for p in $pids; do taskset -p -c $((j % 2)) $p > /dev/null 2>&1; done
+        j=$((j + 1))
+    done
+) &
+wait
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "STRESS cpus $(nproc) seconds $t0 -> $t1 segfaults $(dmesg | grep -c segfault)"
+dmesg | grep segfault || true
+EOF
+truncate -s %512 "$work/script.sh"
+
+if [ "$engine" = vmm ]; then
+    cargo build --release --quiet -p vmm
+    target/release/vmm --kernel "$vmlinux" --initrd "$initrd" --exit-port --vcpus 2 \
+        --cmdline "$cmdline addcow.run=/dev/vda" --disk "$work/script.sh,ro,format=raw" \
+        </dev/null | grep -E "STRESS|segfault|Total of"
+else
+    resources/install-qemu.sh
+    # QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
+    if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
+    qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp 2 -m 256 -nographic \
+        -no-reboot -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vda" \
+        -device isa-debug-exit,iobase=0xf4,iosize=4 \
+        -drive "id=script,file=$work/script.sh,format=raw,if=none,readonly=on" \
+        -device virtio-blk-device,drive=script </dev/null | grep -E "STRESS|segfault|Total of" || true
+fi
