@@ -575,6 +575,44 @@ fn create_small_mistakes_get_the_right_answer() {
 }
 
 #[test]
+fn convert_never_truncates_a_new_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    create_ok(d, &["--image", "t.raw", "--size", "1M", "t.add-cow"]);
+    ok(addcow_stdin(
+        d,
+        &["write", "t.add-cow", "4096"],
+        &[0x5a; 512],
+    ));
+    // An existing output longer than the disk: truncated, then written.
+    fs::write(d.join("old.raw"), vec![0xffu8; 3 << 20]).expect("old output");
+    for (output, truncated) in [("new.raw", false), ("old.raw", true)] {
+        let trace = format!("{output}.trace");
+        let out = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=ftruncate", "-o", &trace])
+            .arg(env!("CARGO_BIN_EXE_addcow"))
+            .args(["convert", "--no-sync", "t.add-cow", output])
+            .current_dir(d)
+            .output()
+            .expect("strace must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trace = fs::read_to_string(d.join(&trace)).expect("trace");
+        // ext4 writes back, when it is closed, a file truncated to 0.
+        assert_eq!(trace.contains(", 0)"), truncated, "{output}:\n{trace}");
+        let mut expected = vec![0u8; 1 << 20];
+        expected[4096..4608].fill(0x5a);
+        assert!(
+            fs::read(d.join(output)).expect("output") == expected,
+            "{output}"
+        );
+    }
+}
+
+#[test]
 fn create_syncs_the_directory_of_new_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();

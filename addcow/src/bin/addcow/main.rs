@@ -454,7 +454,11 @@ fn open_output(disk: &AddCow, output: &Path) -> Result<(fs::File, bool), Failure
                 ),
             });
         }
-    } else {
+    } else if !created {
+        // A new file is empty already. Truncating it anyway would cost the
+        // whole copy on ext4: a file truncated to 0 is written back when
+        // closed (`auto_da_alloc`, meant for files rewritten in place),
+        // 0.5 s for a 1 GiB `convert --no-sync`.
         out.set_len(0).map_err(&fail)?;
     }
     Ok((out, !is_device))
