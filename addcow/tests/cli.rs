@@ -304,6 +304,27 @@ fn addcow_timed(dir: &Path, args: &[&str]) -> Output {
         .expect("run timeout (coreutils)")
 }
 
+/// Runs the CLI with `args` in `d` under `strace -f -e trace=CALLS`;
+/// returns its output and the trace.
+fn strace_addcow(d: &Path, calls: &str, args: &[&str]) -> (Output, String) {
+    let out = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            &format!("trace={calls}"),
+            "-o",
+            "trace.txt",
+        ])
+        .arg(env!("CARGO_BIN_EXE_addcow"))
+        .args(args)
+        .current_dir(d)
+        .output()
+        .expect("strace must be installed");
+    let trace = fs::read_to_string(d.join("trace.txt")).expect("trace");
+    (out, trace)
+}
+
 fn create_ok(d: &Path, args: &[&str]) {
     let mut all = vec!["create"];
     all.extend_from_slice(args);
@@ -587,20 +608,16 @@ fn convert_never_truncates_a_new_output() {
     // An existing output longer than the disk: truncated, then written.
     fs::write(d.join("old.raw"), vec![0xffu8; 3 << 20]).expect("old output");
     for (output, truncated) in [("new.raw", false), ("old.raw", true)] {
-        let trace = format!("{output}.trace");
-        let out = Command::new("strace")
-            .args(["-f", "-qq", "-e", "trace=ftruncate", "-o", &trace])
-            .arg(env!("CARGO_BIN_EXE_addcow"))
-            .args(["convert", "--no-sync", "t.add-cow", output])
-            .current_dir(d)
-            .output()
-            .expect("strace must be installed");
+        let (out, trace) = strace_addcow(
+            d,
+            "ftruncate",
+            &["convert", "--no-sync", "t.add-cow", output],
+        );
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let trace = fs::read_to_string(d.join(&trace)).expect("trace");
         // ext4 writes back, when it is closed, a file truncated to 0.
         assert_eq!(trace.contains(", 0)"), truncated, "{output}:\n{trace}");
         let mut expected = vec![0u8; 1 << 20];
@@ -617,33 +634,23 @@ fn create_syncs_the_directory_of_new_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     fs::create_dir(d.join("images")).expect("dir");
-    let out = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-e",
-            "trace=openat,fsync,fdatasync",
-            "-o",
-            "trace.txt",
-        ])
-        .arg(env!("CARGO_BIN_EXE_addcow"))
-        .args([
+    let (out, trace) = strace_addcow(
+        d,
+        "openat,fsync,fdatasync",
+        &[
             "create",
             "--image",
             "t.raw",
             "--size",
             "1M",
             "images/t.add-cow",
-        ])
-        .current_dir(d)
-        .output()
-        .expect("strace must be installed");
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let trace = fs::read_to_string(d.join("trace.txt")).expect("trace");
     // The descriptor the directory was opened as, then an fsync of it.
     let fd = trace
         .lines()
@@ -746,17 +753,10 @@ fn a_device_named_by_a_header_is_refused_without_opening_it() {
     let mut bytes = header.encode().expect("encode");
     bytes.resize(2 << 16, 0);
     fs::write(d.join("h.add-cow"), &bytes).expect("write");
-    let out = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=openat,open", "-o", "trace.txt"])
-        .arg(env!("CARGO_BIN_EXE_addcow"))
-        .args(["info", "h.add-cow"])
-        .current_dir(d)
-        .output()
-        .expect("strace must be installed");
+    let (out, trace) = strace_addcow(d, "openat,open", &["info", "h.add-cow"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("character device"), "{err}");
-    let trace = fs::read_to_string(d.join("trace.txt")).expect("trace");
     assert!(
         !trace.contains("\"/dev/ptmx\""),
         "the device was opened:\n{trace}"
