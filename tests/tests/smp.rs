@@ -28,8 +28,10 @@ fn chunk_of(cpu: usize) -> Vec<u8> {
 /// mode only, never with one vCPU; in 4 of 5 two-vCPU boots with FSGSBASE
 /// shown and 1 of 8 with it hidden (see `vmm/src/x86_64/cpuid.rs`); never
 /// in `scripts/smp-stress.sh` (about 2800 process starts in seven vmm
-/// boots; one QEMU `-smp 2` boot). One boot that shows it is run again, so
-/// that the rest of SMP stays tested; a second one fails the test.
+/// boots; one QEMU `-smp 2` boot), nor in 18 runs of this test on
+/// 2026-12-03 (8 on a quiet host, 8 beside a host busy loop, 2 in CI). One
+/// boot that shows it is run again, so that the rest of SMP stays tested; a
+/// second one fails the test.
 const PVM_SEGFAULT: &str = "segfault at 0 ip 00000000004a4d02";
 
 /// Whether the host's CPU lists the `vmx` or `svm` flag.

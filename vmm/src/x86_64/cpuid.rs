@@ -178,7 +178,9 @@ pub const PV_HIDDEN_WITHOUT_HW_VIRT: u32 = bits(&[11]);
 /// gone, and its cause is still open (`tests/tests/smp.rs`,
 /// `PVM_SEGFAULT`). It did not come in the stress runs of
 /// [`PV_HIDDEN_WITHOUT_HW_VIRT`] (about 2800 process starts in seven 2-vCPU
-/// boots, 2026-12-03, idle and loaded host), nor under QEMU 7.2 microvm
+/// boots, 2026-12-03, idle and loaded host), nor in 18 runs of
+/// `tests/tests/smp.rs` that day (with only PV_SEND_IPI hidden, 8 of them
+/// beside a host busy loop), nor under QEMU 7.2 microvm
 /// with `-smp 2 -cpu qemu64,-cx16,-popcnt` (a first version of the same
 /// stress, one boot each: 134 s, vmm 164 s; neither offered 7, 9, 11, 13).
 /// The guest (told `nofsgsbase`) lists neither PCID, INVPCID nor FSGSBASE
