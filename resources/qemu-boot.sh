@@ -2,7 +2,8 @@
 # Boots the guest built by build.sh under QEMU's microvm (the peer), running
 # SCRIPT as /init's job, exactly as the tests do with vmm: the script goes on a
 # raw virtio disk and its exit status comes back through isa-debug-exit
-# (QEMU exits with (status << 1) | 1). Usage: qemu-boot.sh SCRIPT [DISK...]
+# (QEMU exits with (status << 1) | 1). Usage: [SMP=N] qemu-boot.sh SCRIPT [DISK...]
+# (SMP: vCPUs, default 1)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 SCRIPT [DISK...]" >&2; exit 2; }
@@ -22,6 +23,7 @@ done
 args+=(-drive "id=script,file=$padded,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=script)
 # QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
 if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
-exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -m 256 -nographic -no-reboot \
+exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp "${SMP:-1}" -m 256 \
+    -nographic -no-reboot \
     -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vd$letter" \
     -device isa-debug-exit,iobase=0xf4,iosize=4 "${args[@]}"

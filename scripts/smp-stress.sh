@@ -16,10 +16,7 @@ case $procs in '' | *[!0-9]*) echo "usage: $0 [--qemu] [PROCS]" >&2; exit 2 ;; e
 eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
 work=$(mktemp -d /var/tmp/smp-stress.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-cat > "$work/script.sh" <<EOF
-N=$procs
-EOF
-cat >> "$work/script.sh" <<'EOF'
+{ echo "N=$procs"; cat <<'EOF'
 t0=$(cut -d' ' -f1 /proc/uptime)
 pids=
 for w in 0 1 2 3; do
@@ -44,6 +41,7 @@ t1=$(cut -d' ' -f1 /proc/uptime)
 echo "STRESS cpus $(nproc) seconds $t0 -> $t1 segfaults $(dmesg | grep -c segfault)"
 dmesg | grep segfault || true
 EOF
+} > "$work/script.sh"
 truncate -s %512 "$work/script.sh"
 
 if [ "$engine" = vmm ]; then
@@ -52,12 +50,7 @@ if [ "$engine" = vmm ]; then
         --cmdline "$cmdline addcow.run=/dev/vda" --disk "$work/script.sh,ro,format=raw" \
         </dev/null | grep -E "STRESS|segfault|Total of"
 else
-    resources/install-qemu.sh
-    # QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
-    if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
-    qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp 2 -m 256 -nographic \
-        -no-reboot -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vda" \
-        -device isa-debug-exit,iobase=0xf4,iosize=4 \
-        -drive "id=script,file=$work/script.sh,format=raw,if=none,readonly=on" \
-        -device virtio-blk-device,drive=script </dev/null | grep -E "STRESS|segfault|Total of" || true
+    # The peer boots the same guest and script (resources/qemu-boot.sh); its
+    # exit status is (status << 1) | 1.
+    SMP=2 resources/qemu-boot.sh "$work/script.sh" </dev/null | grep -E "STRESS|segfault|Total of" || true
 fi
