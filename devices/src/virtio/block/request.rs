@@ -312,6 +312,12 @@ impl<'m> ChainMemory<'m> {
                 continue;
             }
             let len = desc.len() as usize;
+            // A descriptor inside one region (every one, but for buffers
+            // that straddle two regions): one lookup, no iterator.
+            if let Ok(slice) = vm_memory::GuestMemoryBackend::get_slice(mem, desc.addr(), len) {
+                pieces.push(slice);
+                continue;
+            }
             match mem.get_slices(desc.addr(), len, access) {
                 Ok(slices) => {
                     let before = pieces.len;
@@ -368,29 +374,51 @@ impl<'m> Pieces<'m> {
         Some(out)
     }
 
-    /// Copies the bytes from `start` into `buf`; false if there are fewer.
-    fn read(&self, start: usize, buf: &mut [u8]) -> bool {
-        let Some(slices) = self.range(start, buf.len()) else {
+    /// Calls `copy(slice, at)` for each piece of the bytes `[start, start +
+    /// len)`, `at` being its offset in the range; false (and no call) past
+    /// the end. Walks the pieces in place: the header and the status byte
+    /// of every request come through here.
+    fn each(
+        &self,
+        start: usize,
+        len: usize,
+        mut copy: impl FnMut(&VolatileSlice<'m>, usize),
+    ) -> bool {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
             return false;
-        };
-        let mut at = 0;
-        for slice in slices {
-            at += slice.copy_to(&mut buf[at..]);
+        }
+        let (mut skip, mut at) = (start, 0);
+        for slice in &self.slices {
+            if at == len {
+                break;
+            }
+            if skip >= slice.len() {
+                skip -= slice.len();
+                continue;
+            }
+            let take = (slice.len() - skip).min(len - at);
+            match slice.subslice(skip, take) {
+                Ok(piece) => copy(&piece, at),
+                Err(_) => return false,
+            }
+            skip = 0;
+            at += take;
         }
         true
     }
 
+    /// Copies the bytes from `start` into `buf`; false if there are fewer.
+    fn read(&self, start: usize, buf: &mut [u8]) -> bool {
+        self.each(start, buf.len(), |piece, at| {
+            piece.copy_to(&mut buf[at..at + piece.len()]);
+        })
+    }
+
     /// Copies `bytes` to the bytes from `start`; false if there is no room.
     fn write(&self, start: usize, bytes: &[u8]) -> bool {
-        let Some(slices) = self.range(start, bytes.len()) else {
-            return false;
-        };
-        let mut at = 0;
-        for slice in slices {
-            slice.copy_from(&bytes[at..at + slice.len()]);
-            at += slice.len();
-        }
-        true
+        self.each(start, bytes.len(), |piece, at| {
+            piece.copy_from(&bytes[at..at + piece.len()]);
+        })
     }
 }
 
@@ -1195,6 +1223,80 @@ pub(crate) mod tests {
             .expect("status");
         assert_eq!(status, [7, 8, 9]);
         assert!(!walked.writable.write(1, &[0; 3]), "no room");
+    }
+
+    /// Guest RAM in three mappings, adjacent in guest-physical space, and a
+    /// gap after them: a header that straddles the first boundary and data
+    /// that straddle the second are served in pieces (the walk's one-region
+    /// fast path falls back), and a data buffer that runs into the gap is an
+    /// error that moves nothing.
+    #[test]
+    fn descriptors_across_regions_are_served_in_pieces() {
+        let mib = 0x10_0000u64;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), mib as usize),
+            (GuestAddress(mib), mib as usize),
+            (GuestAddress(2 * mib), mib as usize),
+        ])
+        .expect("three regions");
+        assert_eq!(vm_memory::GuestMemoryBackend::num_regions(&mem), 3);
+        // The mock queue's rings are at 0.
+        let (header, data, status) = (mib - 8, 2 * mib - 0x800, 3 * mib - 1);
+        let disk = MemDisk::new(16 << 10);
+        let serve_chain = |kind: u32, descs: &[RawDescriptor]| {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..].copy_from_slice(&4u64.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(header)).expect("header");
+            mem.write_obj(0xffu8, GuestAddress(status)).expect("status");
+            let queue = MockSplitQueue::new(&mem, 16);
+            let chain = queue.build_desc_chain(descs).expect("chain");
+            let disk = Disk {
+                backend: &disk,
+                read_only: false,
+                write_through: false,
+                id: &[0; ID_LEN],
+            };
+            let outcome = serve(chain, &mem, &disk).expect("completes");
+            let status: u8 = mem.read_obj(GuestAddress(status)).expect("status");
+            (outcome.used_len, status)
+        };
+        let chain = |flags| {
+            [
+                desc(header, 16, 0),
+                desc(data, 4096, flags),
+                desc(status, 1, F_WRITE),
+            ]
+        };
+        assert_eq!(serve_chain(types::IN, &chain(F_WRITE)), (4097, status::OK));
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(data)).expect("data");
+        assert!(got == disk.bytes.lock().expect("lock")[2048..2048 + 4096]);
+
+        mem.write_slice(&[0x5a; 4096], GuestAddress(data))
+            .expect("data");
+        assert_eq!(serve_chain(types::OUT, &chain(0)), (1, status::OK));
+        let bytes = disk.bytes.lock().expect("lock").clone();
+        assert!(bytes[2048..2048 + 4096].iter().all(|&b| b == 0x5a));
+        assert!(bytes[2048 + 4096..]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == ((i + 6144) % 253) as u8));
+
+        // Data that runs past the last region into unmapped space: no
+        // status can be trusted to the guest, nothing is written.
+        mem.write_slice(&[0x77; 512], GuestAddress(3 * mib - 512))
+            .expect("last bytes");
+        let gap = [
+            desc(header, 16, 0),
+            desc(3 * mib - 512, 1024, F_WRITE),
+            desc(mib, 1, F_WRITE),
+        ];
+        assert_eq!(serve_chain(types::IN, &gap), (0, 0xff));
+        let mut last = [0u8; 511];
+        mem.read_slice(&mut last, GuestAddress(3 * mib - 512))
+            .expect("last bytes");
+        assert!(last.iter().all(|&b| b == 0x77));
     }
 
     #[test]
