@@ -1,31 +1,39 @@
 //! Throughput of the virtio-blk device against its own backend: a mock
 //! driver puts requests in a split queue in guest memory, `Block` serves
 //! them, and the same requests are also made by calling the backend
-//! directly (`DiskBackend::read_at`/`write_at` on one reused buffer) on the
-//! same files. Prints MB/s of both and their ratio (and the ratio of the
-//! CPU time the thread spent, steadier on a shared machine, as the work is
-//! CPU-bound in the page cache), for reads and writes of
-//! 4 KiB at random offsets, 64 KiB and 1 MiB in sequence, on a raw disk, on
-//! allocated add-cow clusters and on unallocated (copy-on-write) ones.
-//! Everything is in the host page cache: this measures the request path,
-//! not a disk. The driver keeps 16 requests in flight and, with EVENT_IDX,
-//! asks for one interrupt per 16, as Linux's virtio-blk driver does under
-//! load; the direct calls cycle through 16 buffers likewise.
+//! directly (`DiskBackend::read_vectored_at`/`write_vectored_at`, the call
+//! `Block` makes) into and from the same guest-memory buffers, on a second
+//! copy of the same disk. Prints MB/s of both and their ratio, for reads and
+//! writes of 4 KiB at random offsets, 64 KiB and 1 MiB in sequence, on a raw
+//! disk, on allocated add-cow clusters and on unallocated (copy-on-write)
+//! ones. Everything is in the host page cache: this measures the request
+//! path, not a disk. The driver keeps 16 requests in flight and, with
+//! EVENT_IDX, asks for one interrupt per 16, as Linux's virtio-blk driver
+//! does under load.
+//!
+//! The two paths take turns batch by batch, so that the slow phases of a
+//! shared machine (they last seconds) slow both alike. `ratio` counts the
+//! device's time only (`process_queue`: popping chains, walking them, the
+//! I/O, the used ring, the interrupt); `with driver` adds the mock driver's
+//! ring writes, which a real guest makes on its own vCPU.
 //!
 //! `cargo bench -p devices --bench block_throughput` (median of 7 runs of
-//! each, the two paths alternating), or with `-- --smoke` a few requests
-//! once, without meaning, as CI runs it; `-- --only "read 4k-rand raw"`
-//! runs the rows that contain the text.
+//! each), or with `-- --smoke` a few requests once, without meaning, as CI
+//! runs it; `-- --only "read 4k-rand raw"` runs the rows that contain the
+//! text. Last comes the device's own time per 4 KiB request on a disk that
+//! moves no data (`--only "device alone"`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use addcow::{IoBufs, IoBufsMut};
+use devices::virtio::block::backend::BackendError;
 use devices::virtio::block::request::types;
 use devices::virtio::block::{open_disk, Block, DiskBackend, DiskFormat};
 use devices::virtio::{Activation, VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Requests in flight: chains in the queue per notification.
@@ -69,11 +77,13 @@ struct Scale {
     runs: usize,
 }
 
+/// The disks, two of each kind: one for each path (a disk is locked by
+/// whoever opens it, and the paths must not share copy-on-write state).
 struct Files {
     dir: PathBuf,
-    raw: PathBuf,
+    raw: [PathBuf; 2],
     base: PathBuf,
-    addcow: PathBuf,
+    addcow: [PathBuf; 2],
 }
 
 fn pattern(len: u64) -> Vec<u8> {
@@ -84,28 +94,30 @@ fn create_files(scale: &Scale) -> Files {
     let dir = std::env::temp_dir().join(format!("block-throughput-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let data = pattern(scale.disk);
-    let raw = dir.join("disk.img");
-    std::fs::write(&raw, &data).expect("raw disk");
+    let raw = [dir.join("disk0.img"), dir.join("disk1.img")];
+    for path in &raw {
+        std::fs::write(path, &data).expect("raw disk");
+    }
     let base = dir.join("base.img");
     std::fs::write(&base, &data).expect("backing file");
-    let files = Files {
-        addcow: dir.join("disk.add-cow"),
+    Files {
+        addcow: [dir.join("disk0.add-cow"), dir.join("disk1.add-cow")],
         dir,
         raw,
         base,
-    };
-    fresh_addcow(&files);
-    files
+    }
 }
 
-/// A new add-cow image over the backing file: every cluster unallocated.
-fn fresh_addcow(files: &Files) {
-    let _ = std::fs::remove_file(&files.addcow);
-    let _ = std::fs::remove_file(files.dir.join("disk.raw"));
+/// A new add-cow image at `path` over the backing file: every cluster
+/// unallocated.
+fn fresh_addcow(files: &Files, path: &Path) {
+    let image = path.with_extension("raw");
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(&image);
     addcow::create(
-        &files.addcow,
+        path,
         &addcow::CreateOptions {
-            image: "disk.raw".into(),
+            image: image.file_name().expect("name").into(),
             backing: Some(addcow::BackingRef {
                 name: files.base.file_name().expect("name").into(),
                 format: addcow::BackingFormat::Raw,
@@ -119,9 +131,9 @@ fn fresh_addcow(files: &Files) {
 
 /// An add-cow image whose every cluster is allocated (by writes, so the
 /// bitmap is consulted, not the all-allocated bit).
-fn allocated_addcow(files: &Files, scale: &Scale) {
-    fresh_addcow(files);
-    let disk = open_disk(&files.addcow, DiskFormat::AddCow, false).expect("open");
+fn allocated_addcow(files: &Files, path: &Path, scale: &Scale) {
+    fresh_addcow(files, path);
+    let disk = open_disk(path, DiskFormat::AddCow, false).expect("open");
     let data = pattern(1 << 20);
     let mut at = 0;
     while at < scale.disk {
@@ -132,10 +144,11 @@ fn allocated_addcow(files: &Files, scale: &Scale) {
     disk.flush().expect("flush");
 }
 
-fn open(files: &Files, kind: Kind) -> Box<dyn DiskBackend> {
+/// Path `path`'s disk of `kind` (0: `Block`'s, 1: the direct calls').
+fn open(files: &Files, kind: Kind, path: usize) -> Box<dyn DiskBackend> {
     match kind {
-        Kind::Raw => open_disk(&files.raw, DiskFormat::Raw, false),
-        _ => open_disk(&files.addcow, DiskFormat::AddCow, false),
+        Kind::Raw => open_disk(&files.raw[path], DiskFormat::Raw, false),
+        _ => open_disk(&files.addcow[path], DiskFormat::AddCow, false),
     }
     .expect("open disk")
 }
@@ -173,147 +186,187 @@ fn offsets(scale: &Scale, len: u64, kind: Kind, write: bool) -> Vec<u64> {
         .collect()
 }
 
-/// Wall and CPU time of the calling thread, in seconds.
-#[derive(Clone, Copy)]
-struct Times {
-    wall: f64,
-    cpu: f64,
+/// The mock driver and the device of one run: requests go in BATCH at a
+/// time, and only the device's share (`process_queue`) is timed, as a real
+/// driver runs on the guest's vCPU, not on the device's thread. The
+/// driver's share is timed apart.
+struct Device<'m> {
+    mem: &'m GuestMemoryMmap,
+    block: Block,
+    kind: u32,
+    idx: u16,
 }
 
-/// A started clock.
-struct Clock {
-    wall: Instant,
-    cpu: f64,
-}
-
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given, a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
-impl Clock {
-    fn start() -> Clock {
-        Clock {
-            wall: Instant::now(),
-            cpu: thread_cpu(),
+impl<'m> Device<'m> {
+    /// The queue of a driver that reuses BATCH chains, each a header, a
+    /// `len`-byte buffer and a status byte, and a device serving `disk`.
+    fn new(mem: &'m GuestMemoryMmap, disk: Box<dyn DiskBackend>, len: u64, write: bool) -> Self {
+        // The rings of the previous run must not look like requests.
+        mem.write_slice(&vec![0u8; HEADERS as usize], GuestAddress(0))
+            .expect("clear the rings");
+        let data_flags = if write { 0 } else { 2 };
+        for chain in 0..BATCH {
+            let c = u64::from(chain);
+            let descs = [
+                (HEADERS + 16 * c, 16, 0),
+                (buffer(chain, len), len as u32, data_flags),
+                (STATUSES + c, 1, 2),
+            ];
+            for (i, (addr, l, flags)) in descs.into_iter().enumerate() {
+                let index = chain * 3 + i as u16;
+                let (flags, next) = if i < 2 {
+                    (flags | 1, index + 1)
+                } else {
+                    (flags, 0)
+                };
+                let d = RawDescriptor::from(Descriptor::new(addr, l, flags, next));
+                mem.write_obj(d, GuestAddress(DESC_TABLE + 16 * u64::from(index)))
+                    .expect("descriptor");
+            }
+        }
+        let mut block = Block::new(
+            disk,
+            false,
+            [0; 20],
+            EventFd::new(EFD_NONBLOCK).expect("irq"),
+        )
+        .expect("block");
+        block
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![queue()],
+                acked_features: 1 << VIRTIO_RING_F_EVENT_IDX,
+            })
+            .expect("activate");
+        Device {
+            mem,
+            block,
+            kind: if write { types::OUT } else { types::IN },
+            idx: 0,
         }
     }
-    fn stop(&self) -> Times {
-        Times {
-            wall: self.wall.elapsed().as_secs_f64(),
-            cpu: thread_cpu() - self.cpu,
-        }
-    }
-}
 
-/// Seconds to make the requests by calling the backend directly, into or
-/// from BATCH buffers in turn, as many as the requests in flight through
-/// `Block` use (so that both move data through the same amount of memory:
-/// one buffer would stay in the CPU's cache).
-fn direct(disk: &dyn DiskBackend, offsets: &[u64], len: u64, write: bool) -> Times {
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| pattern(len)).collect();
-    let start = Clock::start();
-    for (i, &at) in offsets.iter().enumerate() {
-        let buf = &mut bufs[i % usize::from(BATCH)];
-        if write {
-            disk.write_at(buf, at).expect("write");
-        } else {
-            disk.read_at(buf, at).expect("read");
-        }
-    }
-    start.stop()
-}
-
-/// Seconds to make the requests through `Block`, BATCH at a time.
-fn through_block(
-    mem: &GuestMemoryMmap,
-    disk: Box<dyn DiskBackend>,
-    offsets: &[u64],
-    len: u64,
-    write: bool,
-) -> Times {
-    // The rings of the previous run must not look like requests.
-    mem.write_slice(&vec![0u8; HEADERS as usize], GuestAddress(0))
-        .expect("clear the rings");
-    let data_flags = if write { 0 } else { 2 };
-    for chain in 0..BATCH {
-        let c = u64::from(chain);
-        let descs = [
-            (HEADERS + 16 * c, 16, 0),
-            (BUFFERS + len * c, len as u32, data_flags),
-            (STATUSES + c, 1, 2),
-        ];
-        for (i, (addr, l, flags)) in descs.into_iter().enumerate() {
-            let index = chain * 3 + i as u16;
-            let (flags, next) = if i < 2 {
-                (flags | 1, index + 1)
-            } else {
-                (flags, 0)
-            };
-            let d = RawDescriptor::from(Descriptor::new(addr, l, flags, next));
-            mem.write_obj(d, GuestAddress(DESC_TABLE + 16 * u64::from(index)))
-                .expect("descriptor");
-        }
-    }
-    let data = pattern(len);
-    for chain in 0..u64::from(BATCH) {
-        mem.write_slice(&data, GuestAddress(BUFFERS + len * chain))
-            .expect("data");
-    }
-    let mut block = Block::new(
-        disk,
-        false,
-        [0; 20],
-        EventFd::new(EFD_NONBLOCK).expect("irq"),
-    )
-    .expect("block");
-    block
-        .activate(Activation {
-            mem: mem.clone(),
-            queues: vec![queue()],
-            acked_features: 1 << VIRTIO_RING_F_EVENT_IDX,
-        })
-        .expect("activate");
-    let kind = if write { types::OUT } else { types::IN };
-    let avail = AVAIL_RING;
-    let mut idx: u16 = 0;
-    let start = Clock::start();
-    for batch in offsets.chunks(usize::from(BATCH)) {
-        for (chain, &at) in batch.iter().enumerate() {
+    /// Publishes one request per offset (at most BATCH) and lets the device
+    /// serve them: (the driver's time, the device's time), in seconds.
+    fn batch(&mut self, offsets: &[u64]) -> (f64, f64) {
+        let mem = self.mem;
+        let driver = Instant::now();
+        for (chain, &at) in offsets.iter().enumerate() {
             let mut header = [0u8; 16];
-            header[..4].copy_from_slice(&kind.to_le_bytes());
+            header[..4].copy_from_slice(&self.kind.to_le_bytes());
             header[8..].copy_from_slice(&(at / 512).to_le_bytes());
             mem.write_slice(&header, GuestAddress(HEADERS + 16 * chain as u64))
                 .expect("header");
-            let slot = u64::from(idx % QUEUE);
-            mem.write_obj(chain as u16 * 3, GuestAddress(avail + 4 + 2 * slot))
+            // The device must write it (checked below).
+            mem.write_obj(0xffu8, GuestAddress(STATUSES + chain as u64))
+                .expect("status");
+            let slot = u64::from(self.idx % QUEUE);
+            mem.write_obj(chain as u16 * 3, GuestAddress(AVAIL_RING + 4 + 2 * slot))
                 .expect("avail ring");
-            idx = idx.wrapping_add(1);
+            self.idx = self.idx.wrapping_add(1);
         }
         // As a Linux driver does (EVENT_IDX): one interrupt for the batch,
         // when its last request is used.
         mem.write_obj(
-            idx.wrapping_sub(1),
-            GuestAddress(avail + 4 + 2 * u64::from(QUEUE)),
+            self.idx.wrapping_sub(1),
+            GuestAddress(AVAIL_RING + 4 + 2 * u64::from(QUEUE)),
         )
         .expect("used event");
-        mem.write_obj(idx, GuestAddress(avail + 2))
+        mem.write_obj(self.idx, GuestAddress(AVAIL_RING + 2))
             .expect("avail idx");
-        block.process_queue();
+        let driver = driver.elapsed().as_secs_f64();
+        let device = Instant::now();
+        self.block.process_queue();
+        let device = device.elapsed().as_secs_f64();
+        for chain in 0..offsets.len() as u64 {
+            let status: u8 = mem
+                .read_obj(GuestAddress(STATUSES + chain))
+                .expect("status");
+            assert_eq!(status, 0, "request failed");
+        }
+        (driver, device)
     }
-    let elapsed = start.stop();
-    for chain in 0..BATCH.min(offsets.len() as u16) {
-        let status: u8 = mem
-            .read_obj(GuestAddress(STATUSES + u64::from(chain)))
-            .expect("status");
-        assert_eq!(status, 0, "request failed");
+}
+
+/// Where chain `chain`'s data buffer is: the direct calls use the same
+/// guest memory, so that both paths move data through the same pages.
+fn buffer(chain: u16, len: u64) -> u64 {
+    BUFFERS + len * u64::from(chain)
+}
+
+/// Makes the requests of one batch by calling the backend directly, with
+/// the same vectored call `Block` makes, into or from the chains' buffers:
+/// seconds.
+fn direct(
+    mem: &GuestMemoryMmap,
+    disk: &dyn DiskBackend,
+    offsets: &[u64],
+    len: u64,
+    write: bool,
+) -> f64 {
+    let start = Instant::now();
+    for (chain, &at) in offsets.iter().enumerate() {
+        let slice = mem
+            .get_slice(GuestAddress(buffer(chain as u16, len)), len as usize)
+            .expect("buffer");
+        if write {
+            let mut bufs = IoBufs::new();
+            // SAFETY: the slice is this benchmark's guest memory, mapped for
+            // as long as `mem` lives, and nothing holds a reference into it.
+            unsafe { bufs.push_raw(slice.ptr_guard().as_ptr(), slice.len()) };
+            disk.write_vectored_at(&bufs, at).expect("write");
+        } else {
+            let mut bufs = IoBufsMut::new();
+            // SAFETY: as above; nothing else reads or writes it meanwhile.
+            unsafe { bufs.push_raw(slice.ptr_guard_mut().as_ptr(), slice.len()) };
+            disk.read_vectored_at(&mut bufs, at).expect("read");
+        }
     }
-    elapsed
+    start.elapsed().as_secs_f64()
+}
+
+/// Seconds of one run of each path: the device's share, the direct calls,
+/// and the mock driver's share.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    device: f64,
+    direct: f64,
+    driver: f64,
+}
+
+/// One run of the row: the two paths take turns batch by batch (which one
+/// goes first alternating), so that a shared machine's slow phases slow
+/// both alike.
+fn run(
+    mem: &GuestMemoryMmap,
+    block_disk: Box<dyn DiskBackend>,
+    direct_disk: &dyn DiskBackend,
+    offsets: &[u64],
+    len: u64,
+    write: bool,
+) -> Run {
+    let mut device = Device::new(mem, block_disk, len, write);
+    let data = pattern(len);
+    for chain in 0..BATCH {
+        mem.write_slice(&data, GuestAddress(buffer(chain, len)))
+            .expect("data");
+    }
+    let mut total = Run::default();
+    for (i, batch) in offsets.chunks(usize::from(BATCH)).enumerate() {
+        let mut block_turn = |total: &mut Run| {
+            let (driver, dev) = device.batch(batch);
+            total.driver += driver;
+            total.device += dev;
+        };
+        if i % 2 == 0 {
+            block_turn(&mut total);
+            total.direct += direct(mem, direct_disk, batch, len, write);
+        } else {
+            total.direct += direct(mem, direct_disk, batch, len, write);
+            block_turn(&mut total);
+        }
+    }
+    total
 }
 
 /// The split queue as a driver set it up (virtio-queue's mock lays out
@@ -328,7 +381,7 @@ fn queue() -> Queue {
     q
 }
 
-fn median(v: &[Times], field: fn(&Times) -> f64) -> f64 {
+fn median(v: &[Run], field: fn(&Run) -> f64) -> f64 {
     let mut v: Vec<f64> = v.iter().map(field).collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -363,15 +416,16 @@ fn main() {
     )])
     .expect("guest memory");
     println!(
-        "{:<6} {:<7} {:<22} {:>11} {:>11} {:>6} {:>9}",
-        "op", "size", "disk", "block MB/s", "direct MB/s", "ratio", "cpu ratio"
+        "{:<6} {:<7} {:<22} {:>11} {:>11} {:>6} {:>12}",
+        "op", "size", "disk", "block MB/s", "direct MB/s", "ratio", "with driver"
     );
     for kind in [Kind::Raw, Kind::Allocated, Kind::Cow] {
-        if kind == Kind::Allocated {
-            allocated_addcow(&files, &scale);
-        }
-        if kind == Kind::Cow {
-            fresh_addcow(&files);
+        for path in &files.addcow {
+            match kind {
+                Kind::Raw => {}
+                Kind::Allocated => allocated_addcow(&files, path, &scale),
+                Kind::Cow => fresh_addcow(&files, path),
+            }
         }
         for write in [false, true] {
             for (size_name, len) in [("4k-rand", 4u64 << 10), ("64k", 64 << 10), ("1m", 1 << 20)] {
@@ -384,38 +438,106 @@ fn main() {
                     continue;
                 }
                 let offs = offsets(&scale, len, kind, write);
-                let (mut block_s, mut direct_s) = (Vec::new(), Vec::new());
-                for run in 0..scale.runs {
-                    // Alternate which path goes first.
-                    for path in [run % 2, 1 - run % 2] {
+                let runs: Vec<Run> = (0..scale.runs)
+                    .map(|_| {
+                        // Copy-on-write writes: fresh images, so that both
+                        // paths copy every cluster.
                         if kind == Kind::Cow && write {
-                            fresh_addcow(&files);
+                            for path in &files.addcow {
+                                fresh_addcow(&files, path);
+                            }
                         }
-                        let disk = open(&files, kind);
-                        if path == 0 {
-                            block_s.push(through_block(&mem, disk, &offs, len, write));
-                        } else {
-                            direct_s.push(direct(disk.as_ref(), &offs, len, write));
-                        }
-                    }
-                }
+                        let direct_disk = open(&files, kind, 1);
+                        run(
+                            &mem,
+                            open(&files, kind, 0),
+                            direct_disk.as_ref(),
+                            &offs,
+                            len,
+                            write,
+                        )
+                    })
+                    .collect();
                 let mb = (offs.len() as u64 * len) as f64 / 1e6;
-                let wall = |t: &Times| t.wall;
-                let cpu = |t: &Times| t.cpu;
-                let (b, d) = (mb / median(&block_s, wall), mb / median(&direct_s, wall));
-                let cpu_ratio = median(&direct_s, cpu) / median(&block_s, cpu);
+                let (device, direct) = (median(&runs, |r| r.device), median(&runs, |r| r.direct));
+                let with_driver = median(&runs, |r| r.device + r.driver);
                 println!(
-                    "{:<6} {:<7} {:<22} {:>11.0} {:>11.0} {:>6.2} {:>9.2}",
+                    "{:<6} {:<7} {:<22} {:>11.0} {:>11.0} {:>6.2} {:>12.2}",
                     op,
                     size_name,
                     kind.name(),
-                    b,
-                    d,
-                    b / d,
-                    cpu_ratio
+                    mb / device,
+                    mb / direct,
+                    direct / device,
+                    direct / with_driver
                 );
             }
         }
     }
+    if only
+        .as_ref()
+        .is_none_or(|only| "device alone".contains(only.as_str()))
+    {
+        device_cost(&mem, &scale);
+    }
     let _ = std::fs::remove_dir_all(&files.dir);
+}
+
+/// A disk that moves no data: what `Block` costs per request by itself.
+struct NullDisk(u64);
+
+impl DiskBackend for NullDisk {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn read_vectored_at(&self, _: &mut IoBufsMut<'_>, _: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn write_vectored_at(&self, _: &IoBufs<'_>, _: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn discard_alignment(&self) -> u64 {
+        512
+    }
+}
+
+/// Prints the device's own time per 4 KiB request on a disk that moves no
+/// data (the median of the runs): the part of each row's `block` time that
+/// is not the backend's.
+fn device_cost(mem: &GuestMemoryMmap, scale: &Scale) {
+    let len = 4u64 << 10;
+    for write in [false, true] {
+        let offs = offsets(scale, len, Kind::Raw, write);
+        let mut runs: Vec<f64> = (0..scale.runs)
+            .map(|_| {
+                let mut device = Device::new(mem, Box::new(NullDisk(scale.disk)), len, write);
+                let total: f64 = offs
+                    .chunks(usize::from(BATCH))
+                    .map(|batch| device.batch(batch).1)
+                    .sum();
+                total / offs.len() as f64
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        println!(
+            "device alone (a disk that moves no data), {} 4k: {:.0} ns/request",
+            if write { "write" } else { "read" },
+            runs[runs.len() / 2] * 1e9
+        );
+    }
 }
