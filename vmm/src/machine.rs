@@ -16,7 +16,7 @@ use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::io_thread::{IoThreadError, IoThreads};
 use crate::signals::StopSignals;
 use crate::vcpu::{HaltProbe, Vcpu, VcpuContext, VcpuError, Vcpus};
-use crate::vm::{PendingMemory, Vm, VmError};
+use crate::vm::{Vm, VmError};
 use crate::x86_64::acpi::{self, AcpiError};
 use crate::x86_64::boot::{self, BootError};
 use crate::x86_64::cpuid::HostFeatures;
@@ -72,8 +72,6 @@ impl MachineError {
 
 /// A machine ready to run.
 pub struct Machine {
-    /// Declared first: dropped (waited for) before the RAM it registers.
-    memory: PendingMemory,
     vm: Vm,
     devices: DeviceManager,
     exit: Arc<ExitSignal>,
@@ -83,18 +81,14 @@ pub struct Machine {
 impl Machine {
     /// Creates the VM, its memory and devices; opens the disks.
     pub fn new(config: VmConfig) -> Result<Machine, MachineError> {
-        let vm = Vm::create(config.mem_size)?;
+        let vm = Vm::new(config.mem_size)?;
         let exit = Arc::new(ExitSignal::new().map_err(|source| DeviceError::Io {
             what: "exit event",
             source,
         })?);
         let mut devices = DeviceManager::new(&vm, &exit, config.exit_port)?;
         devices.add_disks(&vm, &config.disks)?;
-        // Registered while the guest is loaded (after the devices: their
-        // KVM_IOEVENTFD would wait for it), waited for before any vCPU.
-        let memory = vm.register_memory()?;
         Ok(Machine {
-            memory,
             vm,
             devices,
             exit,
@@ -104,7 +98,7 @@ impl Machine {
 
     /// Loads the guest, runs it until it stops and returns why; stop
     /// signals end it through `signals`.
-    pub fn run(mut self, mut signals: StopSignals) -> Result<VmExit, MachineError> {
+    pub fn run(self, mut signals: StopSignals) -> Result<VmExit, MachineError> {
         let cfg = &self.config;
         let mem = self.vm.memory();
         regs::write_boot_tables(mem)?;
@@ -135,7 +129,6 @@ impl Machine {
         };
         let supported = self.vm.supported_cpuid().map_err(VcpuError::from)?;
         let host = HostFeatures::detect(self.vm.kvm());
-        self.memory.wait()?;
         let vcpus = (0..cfg.vcpus)
             .map(|id| {
                 Vcpu::new(
