@@ -11,7 +11,7 @@
 //! the options ask for: trace → faults → power cut → format backend. A disk
 //! without lab options is the format backend alone.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -258,7 +258,9 @@ impl DiskSpec {
 }
 
 /// Creates or empties a trace file, refusing a file that an open disk holds
-/// (its lock): a typo must not truncate a disk image.
+/// (its lock, taken as disks take theirs, with the same patience for a
+/// forked child's copy of a descriptor): a typo must not truncate a disk
+/// image.
 fn open_trace(path: &Path) -> Result<File, String> {
     let file = OpenOptions::new()
         .write(true)
@@ -266,12 +268,12 @@ fn open_trace(path: &Path) -> Result<File, String> {
         .truncate(false)
         .open(path)
         .map_err(|e| e.to_string())?;
-    match file.try_lock() {
+    match addcow::open::lock(&file, path, addcow::Access::ReadWrite) {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
+        Err(addcow::Error::Locked { .. }) => {
             return Err("in use (a disk or another trace holds its lock)".into())
         }
-        Err(TryLockError::Error(e)) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string()),
     }
     file.set_len(0).map_err(|e| e.to_string())?;
     Ok(file)
@@ -386,6 +388,32 @@ mod tests {
             parse(&format!("{},trace={}", disk.display(), trace.display()))?.open(&exit)?;
         assert_eq!(std::fs::read(&trace)?, b"");
         drop(opened);
+        Ok(())
+    }
+
+    /// A trace file whose lock is held for a moment (as by a child forked
+    /// between its `fork` and `exec`, which holds a copy of every
+    /// descriptor) is waited for, as a disk's lock is; one held for good is
+    /// refused.
+    #[test]
+    fn a_trace_lock_held_for_a_moment_is_waited_for() -> Result<(), BackendError> {
+        let dir = tempfile::tempdir()?;
+        let trace = dir.path().join("t.jsonl");
+        std::fs::write(&trace, "old\n")?;
+        let holder = File::open(&trace)?;
+        holder.lock()?;
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(holder);
+        });
+        let file = open_trace(&trace)?;
+        release.join().map_err(|_| "holder thread")?;
+        assert_eq!(std::fs::read(&trace)?, b"");
+        drop(file);
+        let holder = File::open(&trace)?;
+        holder.lock()?;
+        let err = open_trace(&trace).err().ok_or("opened a locked trace")?;
+        assert!(err.contains("in use"), "{err}");
         Ok(())
     }
 
