@@ -59,10 +59,12 @@ impl Vm {
     /// and the in-kernel PIC, IOAPIC and PIT.
     ///
     /// The RAM is registered before the interrupt controllers are created:
-    /// on this project's hosts without VT-x/AMD-V, KVM takes 5-10 ms to
-    /// register 256 MiB once an in-kernel irqchip exists and 0.2-0.3 ms
-    /// before (measured with a C program making the same ioctls in both
-    /// orders), which was most of the VMM's start-up.
+    /// creating the irqchip leaves KVM something to wait for, and a memory
+    /// slot registered right after it waits (on the 2-core EPYC machine of
+    /// 2026-12-03, without VT-x/AMD-V: 4-10 ms for 256 MiB, 0.2-0.4 ms
+    /// when registered before the irqchip or 20 ms after it, in most runs;
+    /// a C program making the same ioctls). The ioctls that follow it here (PIT,
+    /// KVM_IRQFD, KVM_IOEVENTFD) do not wait.
     pub fn new(mem_size: u64) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;

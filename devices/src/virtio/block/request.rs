@@ -375,8 +375,8 @@ impl<'m> Pieces<'m> {
     }
 
     /// Calls `copy(slice, at)` for each piece of the bytes `[start, start +
-    /// len)`, `at` being its offset in the range; false (and no call) past
-    /// the end. Walks the pieces in place: the header and the status byte
+    /// len)`, `at` being its offset in the range; false, before any call,
+    /// when the range runs past the end. Walks the pieces in place: the header and the status byte
     /// of every request come through here.
     fn each(
         &self,
@@ -1284,19 +1284,25 @@ pub(crate) mod tests {
             .all(|(i, &b)| b == ((i + 6144) % 253) as u8));
 
         // Data that runs past the last region into unmapped space: no
-        // status can be trusted to the guest, nothing is written.
+        // status can be trusted to the guest, nothing is written (neither
+        // the data nor the status descriptor's byte).
         mem.write_slice(&[0x77; 512], GuestAddress(3 * mib - 512))
             .expect("last bytes");
+        let gap_status = mib + 0x1000;
+        mem.write_obj(0xeeu8, GuestAddress(gap_status))
+            .expect("status byte");
         let gap = [
             desc(header, 16, 0),
             desc(3 * mib - 512, 1024, F_WRITE),
-            desc(mib, 1, F_WRITE),
+            desc(gap_status, 1, F_WRITE),
         ];
         assert_eq!(serve_chain(types::IN, &gap), (0, 0xff));
         let mut last = [0u8; 511];
         mem.read_slice(&mut last, GuestAddress(3 * mib - 512))
             .expect("last bytes");
         assert!(last.iter().all(|&b| b == 0x77));
+        let untouched: u8 = mem.read_obj(GuestAddress(gap_status)).expect("s");
+        assert_eq!(untouched, 0xee);
     }
 
     #[test]

@@ -403,7 +403,7 @@ mod tests {
         let holder = File::open(&trace)?;
         holder.lock()?;
         let release = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
             drop(holder);
         });
         let file = open_trace(&trace)?;
