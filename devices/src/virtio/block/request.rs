@@ -353,37 +353,16 @@ impl<'m> Pieces<'m> {
 
     /// The pieces of the bytes `[start, start + len)`, or `None` past the end.
     fn range(&self, start: usize, len: usize) -> Option<SmallVec<[VolatileSlice<'m>; 4]>> {
-        if start.checked_add(len)? > self.len {
-            return None;
-        }
-        let (mut skip, mut left) = (start, len);
         let mut out = SmallVec::new();
-        for slice in &self.slices {
-            if left == 0 {
-                break;
-            }
-            if skip >= slice.len() {
-                skip -= slice.len();
-                continue;
-            }
-            let take = (slice.len() - skip).min(left);
-            out.push(slice.subslice(skip, take).ok()?);
-            skip = 0;
-            left -= take;
-        }
-        Some(out)
+        self.each(start, len, |piece, _| out.push(piece))
+            .then_some(out)
     }
 
-    /// Calls `copy(slice, at)` for each piece of the bytes `[start, start +
+    /// Calls `f(piece, at)` for each piece of the bytes `[start, start +
     /// len)`, `at` being its offset in the range; false, before any call,
-    /// when the range runs past the end. Walks the pieces in place: the header and the status byte
-    /// of every request come through here.
-    fn each(
-        &self,
-        start: usize,
-        len: usize,
-        mut copy: impl FnMut(&VolatileSlice<'m>, usize),
-    ) -> bool {
+    /// when the range runs past the end. Walks the pieces in place, so the
+    /// header and status byte of a request are copied without a list.
+    fn each(&self, start: usize, len: usize, mut f: impl FnMut(VolatileSlice<'m>, usize)) -> bool {
         if start.checked_add(len).is_none_or(|end| end > self.len) {
             return false;
         }
@@ -398,7 +377,7 @@ impl<'m> Pieces<'m> {
             }
             let take = (slice.len() - skip).min(len - at);
             match slice.subslice(skip, take) {
-                Ok(piece) => copy(&piece, at),
+                Ok(piece) => f(piece, at),
                 Err(_) => return false,
             }
             skip = 0;
