@@ -1,13 +1,18 @@
 //! Serving a split virtqueue: virtio-queue's documented notification loop,
 //! with the checks a hostile driver needs, and used-buffer notifications
 //! that follow the driver's suppression (EVENT_IDX or the avail flags).
+//!
+//! virtio-queue's `Queue` holds the configuration, the indices and the
+//! notification switch; the per-request ring accesses (avail entries,
+//! descriptors, used entries, the suppression fields) go through
+//! [`Rings`], which finds the rings in guest memory once per call.
 
 use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
 
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::ring::{Chain, Rings};
 
 /// How a call of [`drain`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +36,19 @@ pub enum Drained {
 pub struct BadHead(pub u16);
 
 /// Serves `queue` the way virtio-queue documents it (the example loop in
-/// the `Queue` documentation): notifications off, pop and serve every chain, then
-/// notifications on, and once more round if the driver published meanwhile
-/// (it saw NO_NOTIFY and did not kick). Serving goes on until the ring is
-/// really empty: a pass that found nothing and a re-check that finds more is
-/// the race the re-check is there for, not an error. Only an avail index
-/// more than a queue ahead is (detected, reported, never looped on).
+/// the `Queue` documentation): notifications off, take and serve every
+/// chain, then notifications on, and once more round if the driver
+/// published meanwhile (it saw NO_NOTIFY and did not kick). Serving goes on
+/// until the ring is really empty: a pass that found nothing and a re-check
+/// that finds more is the race the re-check is there for, not an error.
+/// Only an avail index more than a queue ahead is (detected, reported,
+/// never looped on).
 ///
 /// `serve` handles one chain and returns the used length, or `None` when
 /// the chain must never complete (serving stops, [`Drained::Stopped`]). After each used
-/// entry `signal` is called if the driver wants to hear of it. At most
+/// entry `signal` is called if the driver wants to hear of it. A head
+/// outside the descriptor table is served as the empty chain it is and
+/// given to `bad_head` instead of the used ring. At most
 /// `budget` chains are served per call and the loop goes round at most
 /// `budget` times, so a guest cannot keep the caller here for ever.
 ///
@@ -51,77 +59,83 @@ pub fn drain(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     budget: usize,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    mut serve: impl FnMut(Chain<'_, '_>) -> Option<u32>,
     mut signal: impl FnMut(),
     mut bad_head: impl FnMut(BadHead),
     mut before_enable: impl FnMut(&Queue),
 ) -> Drained {
+    // What virtio-queue takes for a queue that was reset and not set up
+    // again: nothing is served from it.
+    if !queue.ready() || queue.avail_ring() == 0 {
+        return Drained::Empty;
+    }
+    let rings = Rings::new(queue, mem);
+    let mut next_avail = Wrapping(queue.next_avail());
+    let mut next_used = Wrapping(queue.next_used());
     let mut served = 0;
-    for _ in 0..budget.max(1) {
-        if queue.disable_notification(mem).is_err() {
-            return Drained::RingInaccessible;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            if served == budget {
-                // Not served: step back so that the next call takes it.
-                queue.go_to_previous_position();
-                return Drained::Yielded;
+    let drained = 'passes: {
+        for _ in 0..budget.max(1) {
+            if queue.disable_notification(mem).is_err() {
+                break 'passes Drained::RingInaccessible;
             }
-            served += 1;
-            let head = chain.head_index();
-            let Some(len) = serve(chain) else {
-                return Drained::Stopped;
-            };
-            if queue.add_used(mem, head, len).is_err() {
-                bad_head(BadHead(head));
-            } else if needs_interrupt(queue, mem) {
-                signal();
-            }
-        }
-        before_enable(queue);
-        match queue.enable_notification(mem) {
-            Ok(false) => return Drained::Empty,
-            Ok(true) => {
-                if avail_out_of_range(queue, mem) {
-                    return Drained::BadAvailIndex;
+            loop {
+                let Some(avail_idx) = rings.avail_idx() else {
+                    break 'passes Drained::RingInaccessible;
+                };
+                // No driver can have published more than a queue's worth
+                // (virtio 1.2, 2.7.6).
+                if (avail_idx - next_avail).0 > rings.size() {
+                    break 'passes Drained::BadAvailIndex;
                 }
-                // Published after the last pop: another pass.
+                if avail_idx == next_avail {
+                    break;
+                }
+                while next_avail != avail_idx {
+                    if served == budget {
+                        break 'passes Drained::Yielded;
+                    }
+                    let Some(head) = rings.avail_entry(next_avail) else {
+                        break 'passes Drained::RingInaccessible;
+                    };
+                    next_avail += 1;
+                    served += 1;
+                    let Some(len) = serve(rings.chain(head)) else {
+                        break 'passes Drained::Stopped;
+                    };
+                    if head >= rings.size() {
+                        bad_head(BadHead(head));
+                        continue;
+                    }
+                    if !rings.add_used(next_used, head, len) {
+                        break 'passes Drained::RingInaccessible;
+                    }
+                    if rings.needs_interrupt(next_used) {
+                        signal();
+                    }
+                    next_used += 1;
+                }
             }
-            Err(_) => return Drained::RingInaccessible,
+            queue.set_next_avail(next_avail.0);
+            queue.set_next_used(next_used.0);
+            before_enable(queue);
+            match queue.enable_notification(mem) {
+                Ok(false) => break 'passes Drained::Empty,
+                // Published after the last look: another pass.
+                Ok(true) => {}
+                Err(_) => break 'passes Drained::RingInaccessible,
+            }
         }
-    }
-    Drained::Yielded
-}
-
-/// The driver's avail index is more than a queue's worth ahead of the
-/// device's: no driver can have published that many (virtio 1.2, 2.7.6).
-fn avail_out_of_range(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => (idx - Wrapping(queue.next_avail())).0 > queue.size(),
-        Err(_) => true,
-    }
-}
-
-/// Whether the driver wants an interrupt for the used entries just added
-/// (virtio 1.2, 2.7.7.2): with EVENT_IDX as `used_event` says; without, unless
-/// the driver set VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags
-/// (virtio-queue 0.18 does not look at them).
-pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem).unwrap_or(true);
-    }
-    // The used index store must be visible before the flags are read.
-    fence(Ordering::SeqCst);
-    let flags: u16 = mem
-        .read_obj(GuestAddress(queue.avail_ring()))
-        .map(u16::from_le)
-        .unwrap_or(0);
-    u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+        Drained::Yielded
+    };
+    queue.set_next_avail(next_avail.0);
+    queue.set_next_used(next_used.0);
+    drained
 }
 
 #[cfg(test)]
 mod tests {
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::virtio::block::device::tests::{publish, write_request};

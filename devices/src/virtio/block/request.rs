@@ -22,9 +22,11 @@
 use addcow::{IoBufs, IoBufsMut};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
+use vm_memory::{
+    GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, Permissions, VolatileSlice,
+};
 
 use super::backend::{DiskBackend, Fate, Op, Served, Status};
 
@@ -162,7 +164,7 @@ impl RequestError {
 /// `None` means the request must never complete: the disk lost power
 /// (`power-cut-after-writes`), and the device stops serving.
 pub fn serve(
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    chain: impl IntoIterator<Item = Descriptor>,
     mem: &GuestMemoryMmap,
     disk: &Disk<'_>,
 ) -> Option<Outcome> {
@@ -283,9 +285,9 @@ struct ChainMemory<'m> {
 }
 
 impl<'m> ChainMemory<'m> {
-    /// Walks `chain` once. virtio-queue's iterator ends the walk at a loop,
-    /// a too-long chain or a bad indirect table.
-    fn walk(chain: DescriptorChain<&'m GuestMemoryMmap>, mem: &'m GuestMemoryMmap) -> Self {
+    /// Walks `chain` once. The chain's iterator ends the walk at a loop, a
+    /// too-long chain or a bad indirect table.
+    fn walk(chain: impl IntoIterator<Item = Descriptor>, mem: &'m GuestMemoryMmap) -> Self {
         let mut walked = ChainMemory {
             readable: Pieces::default(),
             writable: Pieces::default(),
@@ -293,6 +295,7 @@ impl<'m> ChainMemory<'m> {
             readable_outside: false,
             writable_outside: false,
         };
+        let mut region: Option<&GuestRegionMmap> = None;
         for desc in chain {
             walked.descriptors += 1;
             let (pieces, outside, access) = if desc.is_write_only() {
@@ -313,8 +316,13 @@ impl<'m> ChainMemory<'m> {
             }
             let len = desc.len() as usize;
             // A descriptor inside one region (every one, but for buffers
-            // that straddle two regions): one lookup, no iterator.
-            if let Ok(slice) = vm_memory::GuestMemoryBackend::get_slice(mem, desc.addr(), len) {
+            // that straddle two regions): no iterator, and no lookup when
+            // it is in the region of the one before.
+            let at = desc.addr();
+            if region.is_none_or(|r| r.to_region_addr(at).is_none()) {
+                region = vm_memory::GuestMemoryBackend::find_region(mem, at);
+            }
+            if let Some(slice) = region.and_then(|r| r.get_slice(r.to_region_addr(at)?, len).ok()) {
                 pieces.push(slice);
                 continue;
             }
@@ -351,10 +359,16 @@ impl<'m> Pieces<'m> {
         }
     }
 
-    /// The pieces of the bytes `[start, start + len)`, or `None` past the end.
-    fn range(&self, start: usize, len: usize) -> Option<SmallVec<[VolatileSlice<'m>; 4]>> {
+    /// `f` of each piece of the bytes `[start, start + len)`, or `None`
+    /// past the end.
+    fn range<T>(
+        &self,
+        start: usize,
+        len: usize,
+        mut f: impl FnMut(VolatileSlice<'m>) -> T,
+    ) -> Option<SmallVec<[T; 4]>> {
         let mut out = SmallVec::new();
-        self.each(start, len, |piece, _| out.push(piece))
+        self.each(start, len, |piece, _| out.push(f(piece)))
             .then_some(out)
     }
 
@@ -433,11 +447,12 @@ fn execute(
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Read, sector, len as u64)?;
-            let slices = chain.writable.range(0, len).ok_or_else(outside)?;
             // Kept until the read is done: they keep a mapping that needs
             // one (Xen) in place; a plain mmap needs none.
-            let guards: SmallVec<[_; 4]> =
-                slices.iter().map(VolatileSlice::ptr_guard_mut).collect();
+            let guards = chain
+                .writable
+                .range(0, len, |piece| piece.ptr_guard_mut())
+                .ok_or_else(outside)?;
             let mut bufs = IoBufsMut::new();
             for guard in &guards {
                 // SAFETY: the slice is guest memory that `mem` keeps mapped
@@ -453,9 +468,9 @@ fn execute(
             disk.backend
                 .read_vectored_at(&mut bufs, offset)
                 .map_err(host)?;
-            for slice in &slices {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
+            chain.writable.each(0, len, |piece, _| {
+                piece.bitmap().mark_dirty(0, piece.len());
+            });
             *written = len;
             Ok(())
         }
@@ -468,11 +483,10 @@ fn execute(
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Write, sector, len as u64)?;
-            let slices = chain
+            let guards = chain
                 .readable
-                .range(header.len(), len)
+                .range(header.len(), len, |piece| piece.ptr_guard())
                 .ok_or_else(outside)?;
-            let guards: SmallVec<[_; 4]> = slices.iter().map(VolatileSlice::ptr_guard).collect();
             let mut bufs = IoBufs::new();
             for guard in &guards {
                 // SAFETY: the slice is guest memory that `mem` keeps mapped
@@ -1171,14 +1185,19 @@ pub(crate) mod tests {
             "0xff_0000 + 128 KiB ends past 16 MiB"
         );
         assert_eq!(walked.readable.len, 16 + 512);
-        let data = walked.readable.range(16, 512).expect("in the chain");
-        let lens: Vec<usize> = data.iter().map(|s| s.len()).collect();
-        assert_eq!(lens, [100, 412]);
+        let lens = walked
+            .readable
+            .range(16, 512, |s| s.len())
+            .expect("in the chain");
+        assert_eq!(lens.as_slice(), [100, 412]);
         assert!(
-            walked.readable.range(16, 513).is_none(),
+            walked.readable.range(16, 513, |s| s.len()).is_none(),
             "one byte too many"
         );
-        assert!(walked.readable.range(usize::MAX, 2).is_none(), "overflow");
+        assert!(
+            walked.readable.range(usize::MAX, 2, |s| s.len()).is_none(),
+            "overflow"
+        );
 
         // Bytes split across descriptors read and write back in order.
         mem.write_slice(&[1, 2, 3, 4], GuestAddress(DATA + 410))
