@@ -18,6 +18,8 @@ use super::ring::{Chain, Rings};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
     /// Everything the driver published was served; notifications are on.
+    /// Also a queue that is not set up (not ready, or its avail ring at
+    /// guest address 0, which virtio-queue takes for a reset queue).
     Empty,
     /// The budget ran out with requests left: call again later.
     Yielded,
@@ -83,7 +85,9 @@ pub fn drain(
                     break 'passes Drained::RingInaccessible;
                 };
                 // No driver can have published more than a queue's worth
-                // (virtio 1.2, 2.7.6).
+                // (virtio 1.2, 2.7.6). Read once per run of chains, not per
+                // chain: a request whose data lands on the index is noticed
+                // at the next read, after the chains published before it.
                 if (avail_idx - next_avail).0 > rings.size() {
                     break 'passes Drained::BadAvailIndex;
                 }
@@ -129,6 +133,11 @@ pub fn drain(
     };
     queue.set_next_avail(next_avail.0);
     queue.set_next_used(next_used.0);
+    if drained == Drained::BadAvailIndex {
+        // Notifications back on, as at the end of every pass: the driver's
+        // next kick is heard (and finds the ring corrupt again).
+        let _ = queue.enable_notification(mem);
+    }
     drained
 }
 
@@ -213,6 +222,11 @@ mod tests {
         mock.avail().idx().store(17u16.to_le());
         let drained = drain(&mut queue, &mem, 256, |_| Some(1), || {}, |_| {}, |_| {});
         assert_eq!(drained, Drained::BadAvailIndex);
+        let flags: u16 = mem.read_obj(mock.used_addr()).expect("used flags");
+        assert_eq!(
+            flags, 0,
+            "notifications are back on: the next kick is heard"
+        );
         // Exactly a queue's worth ahead is legal and served.
         let mock = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = mock.create_queue().expect("queue");

@@ -1,5 +1,5 @@
 //! The guest memory of a split virtqueue (virtio 1.2, 2.7), looked up once
-//! per pass instead of once per access.
+//! per `drain` call instead of once per access.
 //!
 //! virtio-queue's `Queue` keeps the queue's configuration and its indices;
 //! every ring access it makes goes through vm-memory's generic
@@ -7,7 +7,8 @@
 //! byte-wise copy: ~120 instructions to read one 16-byte descriptor, ~2300
 //! for a whole 4 KiB request on a disk that moves no data (callgrind, the
 //! `block_throughput` benchmark's "device alone" line; ~1100 with
-//! [`Rings`], and 450 -> 210 ns per request). [`Rings`] finds each
+//! [`Rings`], and 267-434 -> 218-240 ns per request in alternated runs).
+//! [`Rings`] finds each
 //! ring's bytes once (one `VolatileSlice` per ring, as Firecracker's queue
 //! keeps host pointers to its rings) and reads entries, descriptors and
 //! indirect tables from it with a bounds check and one volatile access. A
