@@ -67,13 +67,19 @@ fn closed_images_are_not_locked_while_another_thread_spawns_processes() {
 /// process has open on `path`.
 fn copies_of_descriptors_on(path: &Path) -> Vec<OwnedFd> {
     let target = fs::canonicalize(path).expect("canonicalize");
-    fs::read_dir("/proc/self/fd")
+    // Every descriptor found before any is copied: a copy made while the
+    // directory is read could take the number of one another thread just
+    // closed, be listed later and be copied again.
+    let found: Vec<RawFd> = fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let fd: RawFd = entry.file_name().to_str()?.parse().ok()?;
             (fs::read_link(entry.path()).ok()? == target).then_some(fd)
         })
+        .collect();
+    found
+        .into_iter()
         .filter_map(|fd| {
             // SAFETY: `fd` is only duplicated here. It named `path` a moment
             // ago, and the caller keeps the image on `path` open (only it has
