@@ -19,13 +19,15 @@
 //! the backend hands to `preadv`/`pwritev`, as Firecracker and Cloud
 //! Hypervisor do.
 
+use std::sync::atomic::Ordering;
+
 use addcow::{IoBufs, IoBufsMut};
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{
-    GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, Permissions, VolatileSlice,
+    Bytes, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, Permissions,
+    VolatileMemory, VolatileSlice,
 };
 
 use super::backend::{DiskBackend, Fate, Op, Served, Status};
@@ -211,7 +213,7 @@ pub fn serve(
     if disk.backend.served(&served) == Fate::Lost {
         return None;
     }
-    if !chain.writable.write(data_len, &[status]) {
+    if !chain.writable.put_last(status) {
         return Some(Outcome {
             used_len: 0,
             host_error,
@@ -359,17 +361,24 @@ impl<'m> Pieces<'m> {
         }
     }
 
-    /// `f` of each piece of the bytes `[start, start + len)`, or `None`
-    /// past the end.
-    fn range<T>(
-        &self,
-        start: usize,
-        len: usize,
-        mut f: impl FnMut(VolatileSlice<'m>) -> T,
-    ) -> Option<SmallVec<[T; 4]>> {
-        let mut out = SmallVec::new();
-        self.each(start, len, |piece, _| out.push(f(piece)))
-            .then_some(out)
+    /// The first 16 bytes (a request header): one load from the first
+    /// piece when it holds them, as every driver lays a header out, else
+    /// gathered from the pieces; `None` if there are fewer.
+    fn head(&self) -> Option<[u8; 16]> {
+        let first = self.slices.first()?;
+        if let Ok(head) = first.get_ref::<[u8; 16]>(0) {
+            return Some(head.load());
+        }
+        let mut head = [0u8; 16];
+        self.read(0, &mut head).then_some(head)
+    }
+
+    /// Stores `byte` as the last byte (a request's status); false if there
+    /// is none.
+    fn put_last(&self, byte: u8) -> bool {
+        self.slices
+            .last()
+            .is_some_and(|last| last.store(byte, last.len() - 1, Ordering::Relaxed).is_ok())
     }
 
     /// Calls `f(piece, at)` for each piece of the bytes `[start, start +
@@ -425,10 +434,9 @@ fn execute(
     served: &mut Served,
     written: &mut usize,
 ) -> Result<(), RequestError> {
-    let mut header = [0u8; 16];
-    if !chain.readable.read(0, &mut header) {
+    let Some(header) = chain.readable.head() else {
         return Err(RequestError::Malformed("header shorter than 16 bytes"));
-    }
+    };
     let kind = le_u32(&header[0..4]);
     let sector = le_u64(&header[8..16]);
     served.op = op_of(kind);
@@ -447,30 +455,27 @@ fn execute(
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Read, sector, len as u64)?;
-            // Kept until the read is done: they keep a mapping that needs
-            // one (Xen) in place; a plain mmap needs none.
-            let guards = chain
-                .writable
-                .range(0, len, |piece| piece.ptr_guard_mut())
-                .ok_or_else(outside)?;
             let mut bufs = IoBufsMut::new();
-            for guard in &guards {
-                // SAFETY: the slice is guest memory that `mem` keeps mapped
-                // and writable while borrowed, which outlives `bufs`; the
-                // data descriptors of one request may overlap each other
-                // (a guest's choice: the bytes there are then the last
-                // written), but nothing in the VMM holds a Rust reference
-                // to guest memory. The guest may access it concurrently,
-                // which only makes what it sees of a read in progress
-                // unspecified.
-                unsafe { bufs.push_raw(guard.as_ptr(), guard.len()) };
+            let inside = chain.writable.each(0, len, |piece, _| {
+                // SAFETY: the piece is guest memory that `mem` keeps mapped
+                // and writable while borrowed, which outlives `bufs` (a
+                // guard maps nothing without vm-memory's `xen` feature,
+                // which the workspace does not enable, so its pointer is
+                // the mapping's own); the data descriptors of one request
+                // may overlap each other (a guest's choice: the bytes there
+                // are then the last written), but nothing in the VMM holds
+                // a Rust reference to guest memory. The guest may access it
+                // concurrently, which only makes what it sees of a read in
+                // progress unspecified. Guest memory tracks no dirty pages
+                // (`GuestMemoryMmap<()>`), so none are marked.
+                unsafe { bufs.push_raw(piece.ptr_guard_mut().as_ptr(), piece.len()) };
+            });
+            if !inside {
+                return Err(outside());
             }
             disk.backend
                 .read_vectored_at(&mut bufs, offset)
                 .map_err(host)?;
-            chain.writable.each(0, len, |piece, _| {
-                piece.bitmap().mark_dirty(0, piece.len());
-            });
             *written = len;
             Ok(())
         }
@@ -483,17 +488,18 @@ fn execute(
             }
             served.sectors = len as u64 / SECTOR_SIZE;
             let offset = check_range(disk, Op::Write, sector, len as u64)?;
-            let guards = chain
-                .readable
-                .range(header.len(), len, |piece| piece.ptr_guard())
-                .ok_or_else(outside)?;
             let mut bufs = IoBufs::new();
-            for guard in &guards {
-                // SAFETY: the slice is guest memory that `mem` keeps mapped
-                // and readable while borrowed, which outlives `bufs`, and
-                // nothing in the VMM holds a `&mut` to guest memory. A guest
-                // changing it meanwhile only changes what is written.
-                unsafe { bufs.push_raw(guard.as_ptr(), guard.len()) };
+            let inside = chain.readable.each(header.len(), len, |piece, _| {
+                // SAFETY: the piece is guest memory that `mem` keeps mapped
+                // and readable while borrowed, which outlives `bufs` (a
+                // guard maps nothing without vm-memory's `xen` feature, as
+                // for reads), and nothing in the VMM holds a `&mut` to
+                // guest memory. A guest changing it meanwhile only changes
+                // what is written.
+                unsafe { bufs.push_raw(piece.ptr_guard().as_ptr(), piece.len()) };
+            });
+            if !inside {
+                return Err(outside());
             }
             disk.backend
                 .write_vectored_at(&bufs, offset)
@@ -1185,17 +1191,17 @@ pub(crate) mod tests {
             "0xff_0000 + 128 KiB ends past 16 MiB"
         );
         assert_eq!(walked.readable.len, 16 + 512);
-        let lens = walked
+        let mut lens = Vec::new();
+        assert!(walked
             .readable
-            .range(16, 512, |s| s.len())
-            .expect("in the chain");
-        assert_eq!(lens.as_slice(), [100, 412]);
+            .each(16, 512, |s, at| lens.push((at, s.len()))));
+        assert_eq!(lens, [(0, 100), (100, 412)]);
         assert!(
-            walked.readable.range(16, 513, |s| s.len()).is_none(),
+            !walked.readable.each(16, 513, |_, _| panic!("called")),
             "one byte too many"
         );
         assert!(
-            walked.readable.range(usize::MAX, 2, |s| s.len()).is_none(),
+            !walked.readable.each(usize::MAX, 2, |_, _| panic!("called")),
             "overflow"
         );
 
@@ -1221,6 +1227,41 @@ pub(crate) mod tests {
             .expect("status");
         assert_eq!(status, [7, 8, 9]);
         assert!(!walked.writable.write(1, &[0; 3]), "no room");
+        assert!(walked.writable.put_last(5), "the status byte");
+        mem.read_slice(&mut status, GuestAddress(STATUS))
+            .expect("status");
+        assert_eq!(status, [7, 8, 5], "the last byte of the last piece");
+
+        // A header split across descriptors is gathered; one in a single
+        // descriptor is loaded from it; fewer than 16 bytes are none.
+        let header: Vec<u8> = (1..=16).collect();
+        mem.write_slice(&header, GuestAddress(HEADER))
+            .expect("header");
+        for framing in [&[16u32][..], &[20], &[3, 13], &[1, 1, 14], &[15, 5]] {
+            let mut at = HEADER;
+            let descs: Vec<_> = framing
+                .iter()
+                .map(|&len| {
+                    let d = desc(at, len, 0);
+                    at += u64::from(len);
+                    d
+                })
+                .collect();
+            let walked = ChainMemory::walk(queue.build_desc_chain(&descs).expect("chain"), &mem);
+            assert_eq!(
+                walked.readable.head().map(Vec::from),
+                Some(header.clone()),
+                "{framing:?}"
+            );
+        }
+        let walked = ChainMemory::walk(
+            queue
+                .build_desc_chain(&[desc(HEADER, 15, 0)])
+                .expect("chain"),
+            &mem,
+        );
+        assert_eq!(walked.readable.head(), None, "15 bytes");
+        assert!(!walked.writable.put_last(0), "no device-writable byte");
     }
 
     /// Guest RAM in three mappings, adjacent in guest-physical space, and a
