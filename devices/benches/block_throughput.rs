@@ -7,21 +7,23 @@
 //! writes of 4 KiB at random offsets, 64 KiB and 1 MiB in sequence, on a raw
 //! disk, on allocated add-cow clusters and on unallocated (copy-on-write)
 //! ones. Everything is in the host page cache: this measures the request
-//! path, not a disk. The driver keeps 16 requests in flight and, with
-//! EVENT_IDX, asks for one interrupt per 16, as Linux's virtio-blk driver
-//! does under load.
+//! path, not a disk. Each run starts with the files' pages written back,
+//! and the two paths swap files from run to run. The driver keeps 16
+//! requests in flight and, with EVENT_IDX, asks for one interrupt per 16, as
+//! Linux's virtio-blk driver does under load.
 //!
 //! The two paths take turns batch by batch, so that the slow phases of a
 //! shared machine (they last seconds) slow both alike. `ratio` counts the
 //! device's time only (`process_queue`: popping chains, walking them, the
 //! I/O, the used ring, the interrupt); `with driver` adds the mock driver's
-//! ring writes, which a real guest makes on its own vCPU.
+//! ring writes, which a real guest makes on its own vCPU. Both are the
+//! median of the runs' own ratios; the MB/s are medians of the runs.
 //!
-//! `cargo bench -p devices --bench block_throughput` (median of 7 runs of
-//! each), or with `-- --smoke` a few requests once, without meaning, as CI
-//! runs it; `-- --only "read 4k-rand raw"` runs the rows that contain the
-//! text. Last comes the device's own time per 4 KiB request on a disk that
-//! moves no data (`--only "device alone"`).
+//! `cargo bench -p devices --bench block_throughput` (7 runs of each row),
+//! or with `-- --smoke` a few requests once, without meaning, as CI runs it;
+//! `-- --only "read 4k-rand raw"` runs the rows that contain the text. Last
+//! comes the device's own time per 4 KiB request on a disk that moves no
+//! data (`--only "device alone"`). The files are made in `TMPDIR`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -144,7 +146,20 @@ fn allocated_addcow(files: &Files, path: &Path, scale: &Scale) {
     disk.flush().expect("flush");
 }
 
-/// Path `path`'s disk of `kind` (0: `Block`'s, 1: the direct calls').
+/// Writes every file's dirty pages back, so that a run starts with none
+/// (the kernel throttles whichever writer it catches once the files'
+/// creation and earlier runs pile them up).
+fn settle(files: &Files) {
+    let dir = std::fs::read_dir(&files.dir).expect("bench dir");
+    for entry in dir {
+        let path = entry.expect("bench dir entry").path();
+        std::fs::File::open(&path)
+            .and_then(|file| file.sync_all())
+            .expect("sync");
+    }
+}
+
+/// Disk `path` (0 or 1) of `kind`.
 fn open(files: &Files, kind: Kind, path: usize) -> Box<dyn DiskBackend> {
     match kind {
         Kind::Raw => open_disk(&files.raw[path], DiskFormat::Raw, false),
@@ -439,7 +454,7 @@ fn main() {
                 }
                 let offs = offsets(&scale, len, kind, write);
                 let runs: Vec<Run> = (0..scale.runs)
-                    .map(|_| {
+                    .map(|r| {
                         // Copy-on-write writes: fresh images, so that both
                         // paths copy every cluster.
                         if kind == Kind::Cow && write {
@@ -447,10 +462,14 @@ fn main() {
                                 fresh_addcow(&files, path);
                             }
                         }
-                        let direct_disk = open(&files, kind, 1);
+                        settle(&files);
+                        // The paths swap files run by run: on ext4 the same
+                        // 4 KiB writes ran 0.90-1.05 of direct with one
+                        // assignment and 0.96-1.10 with the other.
+                        let direct_disk = open(&files, kind, 1 - r % 2);
                         run(
                             &mem,
-                            open(&files, kind, 0),
+                            open(&files, kind, r % 2),
                             direct_disk.as_ref(),
                             &offs,
                             len,
@@ -460,7 +479,11 @@ fn main() {
                     .collect();
                 let mb = (offs.len() as u64 * len) as f64 / 1e6;
                 let (device, direct) = (median(&runs, |r| r.device), median(&runs, |r| r.direct));
-                let with_driver = median(&runs, |r| r.device + r.driver);
+                // Ratios within a run, whose paths took turns, then their
+                // median: a slow phase of the machine that fell on one
+                // path's runs moves one run's ratio, not the row's.
+                let ratio = median(&runs, |r| r.direct / r.device);
+                let with_driver = median(&runs, |r| r.direct / (r.device + r.driver));
                 println!(
                     "{:<6} {:<7} {:<22} {:>11.0} {:>11.0} {:>6.2} {:>12.2}",
                     op,
@@ -468,8 +491,8 @@ fn main() {
                     kind.name(),
                     mb / device,
                     mb / direct,
-                    direct / device,
-                    direct / with_driver
+                    ratio,
+                    with_driver
                 );
             }
         }
