@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use devices::virtio::block::request::{serve, types, Disk};
+use devices::virtio::block::request::{serve, types, Disk, Scratch};
 use devices::virtio::block::{open_disk, DiskBackend, DiskFormat};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -31,6 +31,7 @@ fn run(mem: &GuestMemoryMmap, disk: &dyn DiskBackend, kind: u32) -> f64 {
         id: &id,
     };
     let chain = queue.build_desc_chain(&descs).expect("chain");
+    let mut scratch = Scratch::default();
     let start = Instant::now();
     for i in 0..REQUESTS {
         let mut header = [0u8; 16];
@@ -39,7 +40,7 @@ fn run(mem: &GuestMemoryMmap, disk: &dyn DiskBackend, kind: u32) -> f64 {
         header[8..].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&header, GuestAddress(0x10_0000))
             .expect("header");
-        let _ = serve(chain.clone(), mem, &disk);
+        let _ = serve(chain.clone(), mem, &disk, &mut scratch);
     }
     start.elapsed().as_nanos() as f64 / REQUESTS as f64
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::exit::ExitSignal;
 use devices::virtio::block::config::{features, BlockConfig};
-use devices::virtio::block::request::{serve, Disk, ID_LEN};
+use devices::virtio::block::request::{serve, Disk, Scratch, ID_LEN};
 use devices::virtio::block::DiskBackend;
 use devices::virtio::queue::{drain, Drained};
 use devices::virtio::ConfigSpace;
@@ -162,12 +162,13 @@ impl BlkBackend {
             None => None,
         };
         let mut signal_error = None;
+        let mut scratch = Scratch::default();
         let drained = drain(
             state.get_queue_mut(),
             &mem,
             MAX_QUEUE_SIZE,
             |chain| {
-                let outcome = serve(chain, &mem, &disk)?;
+                let outcome = serve(chain, &mem, &disk, &mut scratch)?;
                 if let Some(err) = outcome.host_error {
                     eprintln!("vhost-user-blk: {err}");
                 }

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::DiskBackend;
 use super::config::{features, BlockConfig};
-use super::request::{serve, Disk, ID_LEN};
+use super::request::{serve, Disk, Scratch, ID_LEN};
 use crate::log_limit::LogLimit;
 use crate::virtio::queue::{drain, BadHead, Drained};
 use crate::virtio::{
@@ -77,6 +77,7 @@ impl Block {
         let interrupt = &self.interrupt;
         let host_errors = &mut self.host_errors;
         let mut bad_head = None;
+        let mut scratch = Scratch::default();
         // A guest can make this loop endless (requests whose data lands on
         // the rings keep the avail index ahead), so one call serves at most
         // a queue's worth and then yields to the event loop, which comes back.
@@ -86,7 +87,7 @@ impl Block {
             usize::from(QUEUE_SIZE),
             |chain| {
                 // None: the disk lost power, nothing more completes.
-                let outcome = serve(chain, mem, &disk)?;
+                let outcome = serve(chain, mem, &disk, &mut scratch)?;
                 if let Some(err) = outcome.host_error {
                     host_errors.eprint(&format!("vmm: virtio-blk: {err}"));
                 }

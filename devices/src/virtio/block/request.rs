@@ -22,7 +22,6 @@
 use std::sync::atomic::Ordering;
 
 use addcow::{IoBufs, IoBufsMut};
-use smallvec::SmallVec;
 use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
@@ -165,16 +164,20 @@ impl RequestError {
 ///
 /// `None` means the request must never complete: the disk lost power
 /// (`power-cut-after-writes`), and the device stops serving.
-pub fn serve(
+///
+/// `scratch` holds the lists the walk fills; one serves every chain of a
+/// `drain` call, so that walking allocates nothing once it has room.
+pub fn serve<'m>(
     chain: impl IntoIterator<Item = Descriptor>,
-    mem: &GuestMemoryMmap,
+    mem: &'m GuestMemoryMmap,
     disk: &Disk<'_>,
+    scratch: &mut Scratch<'m>,
 ) -> Option<Outcome> {
     let nothing = Some(Outcome {
         used_len: 0,
         host_error: None,
     });
-    let chain = ChainMemory::walk(chain, mem);
+    let chain = ChainMemory::walk(chain, mem, scratch);
     if chain.writable_outside {
         return nothing;
     }
@@ -273,11 +276,20 @@ fn le_u64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// The lists of guest memory pieces that [`serve`] fills for each chain,
+/// kept from chain to chain by its caller (a `Vec` pushes in a few
+/// instructions, where a new `SmallVec` per chain cost ~100 per request).
+#[derive(Default)]
+pub struct Scratch<'m> {
+    readable: Vec<VolatileSlice<'m>>,
+    writable: Vec<VolatileSlice<'m>>,
+}
+
 /// One chain's guest memory, found in one walk over its descriptors: the
 /// device-readable bytes and the device-writable bytes, each in order.
-struct ChainMemory<'m> {
-    readable: Pieces<'m>,
-    writable: Pieces<'m>,
+struct ChainMemory<'s, 'm> {
+    readable: Pieces<'s, 'm>,
+    writable: Pieces<'s, 'm>,
     /// Descriptors in the chain (an indirect table's count as its own).
     descriptors: usize,
     /// A device-readable descriptor lies (partly) outside guest memory.
@@ -286,13 +298,26 @@ struct ChainMemory<'m> {
     writable_outside: bool,
 }
 
-impl<'m> ChainMemory<'m> {
+impl<'s, 'm> ChainMemory<'s, 'm> {
     /// Walks `chain` once. The chain's iterator ends the walk at a loop, a
     /// too-long chain or a bad indirect table.
-    fn walk(chain: impl IntoIterator<Item = Descriptor>, mem: &'m GuestMemoryMmap) -> Self {
+    fn walk(
+        chain: impl IntoIterator<Item = Descriptor>,
+        mem: &'m GuestMemoryMmap,
+        scratch: &'s mut Scratch<'m>,
+    ) -> Self {
+        let Scratch { readable, writable } = scratch;
+        readable.clear();
+        writable.clear();
         let mut walked = ChainMemory {
-            readable: Pieces::default(),
-            writable: Pieces::default(),
+            readable: Pieces {
+                slices: readable,
+                len: 0,
+            },
+            writable: Pieces {
+                slices: writable,
+                len: 0,
+            },
             descriptors: 0,
             readable_outside: false,
             writable_outside: false,
@@ -347,13 +372,12 @@ impl<'m> ChainMemory<'m> {
 }
 
 /// Bytes of guest memory in order, as the pieces that hold them.
-#[derive(Default)]
-struct Pieces<'m> {
-    slices: SmallVec<[VolatileSlice<'m>; 4]>,
+struct Pieces<'s, 'm> {
+    slices: &'s mut Vec<VolatileSlice<'m>>,
     len: usize,
 }
 
-impl<'m> Pieces<'m> {
+impl<'m> Pieces<'_, 'm> {
     fn push(&mut self, slice: VolatileSlice<'m>) {
         if !slice.is_empty() {
             self.len += slice.len();
@@ -390,7 +414,7 @@ impl<'m> Pieces<'m> {
             return false;
         }
         let (mut skip, mut at) = (start, 0);
-        for slice in &self.slices {
+        for slice in self.slices.iter() {
             if at == len {
                 break;
             }
@@ -428,7 +452,7 @@ impl<'m> Pieces<'m> {
 /// device-writable part before the status byte; `written` counts what was
 /// written from its start.
 fn execute(
-    chain: &ChainMemory<'_>,
+    chain: &ChainMemory<'_, '_>,
     data_len: usize,
     disk: &Disk<'_>,
     served: &mut Served,
@@ -541,7 +565,7 @@ fn outside() -> RequestError {
 /// num_sectors, flags), checked against the advertised limits and the
 /// spec's flag rules before anything is done.
 fn discard_or_write_zeroes(
-    readable: &Pieces<'_>,
+    readable: &Pieces<'_, '_>,
     len: usize,
     disk: &Disk<'_>,
     discard: bool,
@@ -717,6 +741,7 @@ pub(crate) mod tests {
                 write_through: false,
                 id: &id,
             },
+            &mut Scratch::default(),
         )
         .expect("a disk with power completes every request")
         .used_len;
@@ -745,6 +770,7 @@ pub(crate) mod tests {
                 write_through: false,
                 id: &id,
             },
+            &mut Scratch::default(),
         )
         .expect("a disk with power completes every request")
         .used_len;
@@ -1174,6 +1200,7 @@ pub(crate) mod tests {
     #[test]
     fn one_walk_finds_the_pieces_and_flags_memory_outside() {
         let mem = guest_memory();
+        let mut scratch = Scratch::default();
         let queue = MockSplitQueue::new(&mem, 16);
         let chain = queue
             .build_desc_chain(&[
@@ -1183,7 +1210,7 @@ pub(crate) mod tests {
                 desc(STATUS, 1, F_WRITE),
             ])
             .expect("chain");
-        let walked = ChainMemory::walk(chain, &mem);
+        let walked = ChainMemory::walk(chain, &mem, &mut scratch);
         assert_eq!(walked.descriptors, 4);
         assert!(!walked.readable_outside);
         assert!(
@@ -1216,7 +1243,7 @@ pub(crate) mod tests {
                 desc(STATUS + 1, 2, F_WRITE),
             ])
             .expect("chain");
-        let walked = ChainMemory::walk(chain, &mem);
+        let walked = ChainMemory::walk(chain, &mem, &mut scratch);
         let mut got = [0u8; 4];
         assert!(walked.readable.read(410, &mut got));
         assert_eq!(got, [1, 2, 3, 4]);
@@ -1247,7 +1274,11 @@ pub(crate) mod tests {
                     d
                 })
                 .collect();
-            let walked = ChainMemory::walk(queue.build_desc_chain(&descs).expect("chain"), &mem);
+            let walked = ChainMemory::walk(
+                queue.build_desc_chain(&descs).expect("chain"),
+                &mem,
+                &mut scratch,
+            );
             assert_eq!(
                 walked.readable.head().map(Vec::from),
                 Some(header.clone()),
@@ -1259,6 +1290,7 @@ pub(crate) mod tests {
                 .build_desc_chain(&[desc(HEADER, 15, 0)])
                 .expect("chain"),
             &mem,
+            &mut scratch,
         );
         assert_eq!(walked.readable.head(), None, "15 bytes");
         assert!(!walked.writable.put_last(0), "no device-writable byte");
@@ -1296,7 +1328,7 @@ pub(crate) mod tests {
                 write_through: false,
                 id: &[0; ID_LEN],
             };
-            let outcome = serve(chain, &mem, &disk).expect("completes");
+            let outcome = serve(chain, &mem, &disk, &mut Scratch::default()).expect("completes");
             let status: u8 = mem.read_obj(GuestAddress(status)).expect("status");
             (outcome.used_len, status)
         };

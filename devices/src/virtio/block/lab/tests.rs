@@ -14,7 +14,7 @@ use crate::virtio::block::backend::{BackendError, DiskBackend, Fate, Op, Served}
 use crate::virtio::block::request::tests::{
     desc, guest_memory, write_header, MemDisk, DATA, F_WRITE, HEADER, STATUS,
 };
-use crate::virtio::block::request::{serve, status, types, Disk};
+use crate::virtio::block::request::{serve, status, types, Disk, Scratch};
 
 /// A memory disk the test keeps a handle on while a layer owns it.
 pub struct Shared(pub Arc<MemDisk>);
@@ -116,6 +116,7 @@ fn request(
             write_through: false,
             id: &id,
         },
+        &mut Scratch::default(),
     )?;
     Some(mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"))
 }
