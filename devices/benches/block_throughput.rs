@@ -16,14 +16,17 @@
 //! shared machine (they last seconds) slow both alike. `ratio` counts the
 //! device's time only (`process_queue`: popping chains, walking them, the
 //! I/O, the used ring, the interrupt); `with driver` adds the mock driver's
-//! ring writes, which a real guest makes on its own vCPU. Both are the
-//! median of the runs' own ratios; the MB/s are medians of the runs.
+//! ring writes, which a real guest makes on its own vCPU. The runs go in
+//! pairs, each path on each file once per pair; both ratios are the median
+//! of the pairs' own ratios, the MB/s medians of the pairs.
 //!
-//! `cargo bench -p devices --bench block_throughput` (7 runs of each row),
-//! or with `-- --smoke` a few requests once, without meaning, as CI runs it;
+//! `cargo bench -p devices --bench block_throughput` (5 pairs of runs of
+//! each row), or with `-- --smoke` one pair of a few requests, without
+//! meaning, as CI runs it;
 //! `-- --only "read 4k-rand raw"` runs the rows that contain the text. Last
 //! comes the device's own time per 4 KiB request on a disk that moves no
-//! data (`--only "device alone"`). The files are made in `TMPDIR`.
+//! data (`--only "device alone"`). The files are made in `TMPDIR` if it is
+//! set, else in `/dev/shm` (see `bench_dir`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,6 +79,7 @@ struct Scale {
     /// Bytes moved per measured run (fewer for 4 KiB copy-on-write writes,
     /// bounded by the clusters of the disk).
     bytes: u64,
+    /// Runs of each row: an even number (the paths swap files each run).
     runs: usize,
 }
 
@@ -92,8 +96,22 @@ fn pattern(len: u64) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) >> 7) as u8).collect()
 }
 
+/// Where the files go: `TMPDIR` when it is set, else `/dev/shm` if there is
+/// one, else the system's temporary directory. On tmpfs every page stays in
+/// memory; on a disk file system a host that reclaims cold page cache (the
+/// CI machine runs DAMON with a `pageout` scheme) or writes it back makes
+/// some requests of either path wait for the disk (4 KiB raw writes came
+/// out at 0.47-0.81 of direct from run to run on ext4, 0.89-0.94 on tmpfs).
+fn bench_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if std::env::var_os("TMPDIR").is_none() && shm.is_dir() {
+        return shm.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
 fn create_files(scale: &Scale) -> Files {
-    let dir = std::env::temp_dir().join(format!("block-throughput-{}", std::process::id()));
+    let dir = bench_dir().join(format!("block-throughput-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let data = pattern(scale.disk);
     let raw = [dir.join("disk0.img"), dir.join("disk1.img")];
@@ -415,13 +433,13 @@ fn main() {
         Scale {
             disk: 8 << 20,
             bytes: 4 << 20,
-            runs: 1,
+            runs: 2,
         }
     } else {
         Scale {
             disk: 256 << 20,
             bytes: 32 << 20,
-            runs: 7,
+            runs: 10,
         }
     };
     let files = create_files(&scale);
@@ -477,13 +495,24 @@ fn main() {
                         )
                     })
                     .collect();
-                let mb = (offs.len() as u64 * len) as f64 / 1e6;
-                let (device, direct) = (median(&runs, |r| r.device), median(&runs, |r| r.direct));
-                // Ratios within a run, whose paths took turns, then their
-                // median: a slow phase of the machine that fell on one
-                // path's runs moves one run's ratio, not the row's.
-                let ratio = median(&runs, |r| r.direct / r.device);
-                let with_driver = median(&runs, |r| r.direct / (r.device + r.driver));
+                // Runs in pairs, the paths on each file once per pair
+                // (two files of one kind may differ in speed: the same
+                // reads ran 1.4x faster from one of two tmpfs copies), and
+                // ratios within a pair, whose paths took turns batch by
+                // batch, then their median: a slow phase of the machine that
+                // fell on one path moves one pair's ratio, not the row's.
+                let pairs: Vec<Run> = runs
+                    .chunks(2)
+                    .map(|pair| Run {
+                        device: pair.iter().map(|r| r.device).sum(),
+                        direct: pair.iter().map(|r| r.direct).sum(),
+                        driver: pair.iter().map(|r| r.driver).sum(),
+                    })
+                    .collect();
+                let mb = (2 * offs.len() as u64 * len) as f64 / 1e6;
+                let (device, direct) = (median(&pairs, |r| r.device), median(&pairs, |r| r.direct));
+                let ratio = median(&pairs, |r| r.direct / r.device);
+                let with_driver = median(&pairs, |r| r.direct / (r.device + r.driver));
                 println!(
                     "{:<6} {:<7} {:<22} {:>11.0} {:>11.0} {:>6.2} {:>12.2}",
                     op,
