@@ -96,22 +96,39 @@ fn pattern(len: u64) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(31) >> 7) as u8).collect()
 }
 
-/// Where the files go: `TMPDIR` when it is set, else `/dev/shm` if there is
-/// one, else the system's temporary directory. On tmpfs every page stays in
-/// memory; on a disk file system a host that reclaims cold page cache (the
-/// CI machine runs DAMON with a `pageout` scheme) or writes it back makes
-/// some requests of either path wait for the disk (4 KiB raw writes came
-/// out at 0.47-0.81 of direct from run to run on ext4, 0.89-0.94 on tmpfs).
-fn bench_dir() -> PathBuf {
+/// Where the files go: `TMPDIR` when it is set, else `/dev/shm` if it has
+/// room for `need` bytes, else the system's temporary directory. On tmpfs
+/// every page stays in memory; on a disk file system a host that reclaims
+/// cold page cache (the CI machine runs DAMON with a `pageout` scheme) or
+/// writes it back makes some requests of either path wait for the disk
+/// (4 KiB raw writes came out at 0.47-0.81 of direct from run to run on
+/// ext4, 0.89-0.94 on tmpfs).
+fn bench_dir(need: u64) -> PathBuf {
     let shm = Path::new("/dev/shm");
-    if std::env::var_os("TMPDIR").is_none() && shm.is_dir() {
+    if std::env::var_os("TMPDIR").is_none() && free_bytes(shm).is_some_and(|free| free > need) {
         return shm.to_path_buf();
     }
     std::env::temp_dir()
 }
 
+/// Bytes free for an unprivileged writer in the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a valid statvfs
+    // that the call fills.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 fn create_files(scale: &Scale) -> Files {
-    let dir = bench_dir().join(format!("block-throughput-{}", std::process::id()));
+    // Two raw disks, the backing file, two add-cow images and their image
+    // files, with room to spare.
+    let dir = bench_dir(6 * scale.disk).join(format!("block-throughput-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let data = pattern(scale.disk);
     let raw = [dir.join("disk0.img"), dir.join("disk1.img")];

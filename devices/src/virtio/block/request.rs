@@ -484,8 +484,8 @@ fn execute(
                 // SAFETY: the piece is guest memory that `mem` keeps mapped
                 // and writable while borrowed, which outlives `bufs` (a
                 // guard maps nothing without vm-memory's `xen` feature,
-                // which the workspace does not enable, so its pointer is
-                // the mapping's own); the data descriptors of one request
+                // which the workspace does not enable and an assertion
+                // below checks, so its pointer is the mapping's own); the data descriptors of one request
                 // may overlap each other (a guest's choice: the bytes there
                 // are then the last written), but nothing in the VMM holds
                 // a Rust reference to guest memory. The guest may access it
@@ -552,6 +552,16 @@ fn execute(
         other => Err(RequestError::Unsupported(other)),
     }
 }
+
+// The read and write paths keep a data piece's pointer after its guard is
+// gone. That is sound where a guard maps nothing and so has nothing to drop:
+// vm-memory without its `xen` feature, whose guards unmap on drop. Turning
+// that feature on anywhere in the build makes this fail to compile.
+const _: () = assert!(
+    !std::mem::needs_drop::<vm_memory::volatile_memory::PtrGuard>()
+        && !std::mem::needs_drop::<vm_memory::volatile_memory::PtrGuardMut>(),
+    "guest memory guards that unmap on drop: keep them until the I/O is done"
+);
 
 /// The error of data that is not in guest memory.
 fn outside() -> RequestError {
