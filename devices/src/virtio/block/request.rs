@@ -485,12 +485,13 @@ fn execute(
                 // and writable while borrowed, which outlives `bufs` (a
                 // guard maps nothing without vm-memory's `xen` feature,
                 // which the workspace does not enable and an assertion
-                // below checks, so its pointer is the mapping's own); the data descriptors of one request
-                // may overlap each other (a guest's choice: the bytes there
-                // are then the last written), but nothing in the VMM holds
-                // a Rust reference to guest memory. The guest may access it
-                // concurrently, which only makes what it sees of a read in
-                // progress unspecified. Guest memory tracks no dirty pages
+                // below checks, so its pointer is the mapping's own); the
+                // data descriptors of one request may overlap each other
+                // (a guest's choice: the bytes there are then the last
+                // written), but nothing in the VMM holds a Rust reference
+                // to guest memory. The guest may access it concurrently,
+                // which only makes what it sees of a read in progress
+                // unspecified. Guest memory tracks no dirty pages
                 // (`GuestMemoryMmap<()>`), so none are marked.
                 unsafe { bufs.push_raw(piece.ptr_guard_mut().as_ptr(), piece.len()) };
             });
