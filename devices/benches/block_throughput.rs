@@ -7,8 +7,7 @@
 //! writes of 4 KiB at random offsets, 64 KiB and 1 MiB in sequence, on a raw
 //! disk, on allocated add-cow clusters and on unallocated (copy-on-write)
 //! ones. Everything is in the host page cache: this measures the request
-//! path, not a disk. Each run starts with the files' pages written back,
-//! and the two paths swap files from run to run. The driver keeps 16
+//! path, not a disk. The two paths swap files from run to run. The driver keeps 16
 //! requests in flight and, with EVENT_IDX, asks for one interrupt per 16, as
 //! Linux's virtio-blk driver does under load.
 //!
@@ -179,19 +178,6 @@ fn allocated_addcow(files: &Files, path: &Path, scale: &Scale) {
         at += n;
     }
     disk.flush().expect("flush");
-}
-
-/// Writes every file's dirty pages back, so that a run starts with none
-/// (the kernel throttles whichever writer it catches once the files'
-/// creation and earlier runs pile them up).
-fn settle(files: &Files) {
-    let dir = std::fs::read_dir(&files.dir).expect("bench dir");
-    for entry in dir {
-        let path = entry.expect("bench dir entry").path();
-        std::fs::File::open(&path)
-            .and_then(|file| file.sync_all())
-            .expect("sync");
-    }
 }
 
 /// Disk `path` (0 or 1) of `kind`.
@@ -497,7 +483,6 @@ fn main() {
                                 fresh_addcow(&files, path);
                             }
                         }
-                        settle(&files);
                         // The paths swap files run by run: on ext4 the same
                         // 4 KiB writes ran 0.90-1.05 of direct with one
                         // assignment and 0.96-1.10 with the other.
