@@ -23,7 +23,7 @@ done
 args+=(-drive "id=script,file=$padded,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=script)
 # QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
 if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
-exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp "${SMP:-1}" -m 256 \
+exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp "${SMP:-1}" -m 128 \
     -nographic -no-reboot \
     -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vd$letter" \
     -device isa-debug-exit,iobase=0xf4,iosize=4 "${args[@]}"

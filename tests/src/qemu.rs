@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{artefacts, drive, guest_disk, script_disk, workspace_binary, Run};
-
-/// Guest memory: vhost-user needs it in a shared memory backend.
-const MEM: &str = "256M";
+use crate::{artefacts, drive, guest_disk, script_disk, workspace_binary, Run, GUEST_MEM};
 /// How long a backend may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -109,9 +106,9 @@ pub fn boot_qemu(
     cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
         .args([
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={MEM},share=on"),
+            &format!("memory-backend-memfd,id=mem,size={GUEST_MEM},share=on"),
         ])
-        .args(["-m", MEM, "-enable-kvm", "-nographic", "-no-reboot"])
+        .args(["-m", GUEST_MEM, "-enable-kvm", "-nographic", "-no-reboot"])
         // QEMU 7.2's `-cpu host` aborts on hosts without VT-x/AMD-V; this
         // model boots everywhere (the guest hides the rest itself).
         .args(["-cpu", "qemu64,-cx16,-popcnt"])
