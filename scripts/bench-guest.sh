@@ -10,11 +10,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-5}
 
-eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
-cargo build --release --quiet -p vmm
 resources/install-qemu.sh
-# QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
-if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
+source scripts/guest-env.sh
+cargo build --release --quiet -p vmm
 
 work=$(mktemp -d /var/tmp/bench-guest.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -13,9 +13,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-3}
 
 resources/install-qemu.sh
-eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
+source scripts/guest-env.sh
 cargo build --release --quiet -p addcow -p vhost-user-blk
-if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
 
 work=$(mktemp -d /var/tmp/bench-vhost.XXXXXX)
 backend_pid=

@@ -29,12 +29,18 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
-# Benchmark smoke run (no timing is checked): the 1 TiB scale measurements.
+# Benchmark smoke runs (no timing is checked).
 if [ "$status" = 0 ]; then
     echo "test.sh: benchmark smoke run (addcow-bench --scale)" >&2
     cargo run --quiet -p addcow --bin addcow-bench -- --scale --runs 1 >&2 || status=1
     echo "test.sh: benchmark smoke run (devices block_throughput --smoke)" >&2
     cargo bench --quiet -p devices --bench block_throughput -- --smoke >&2 || status=1
+    # One round each: convert checks its output against qemu-img's and cp's
+    # byte for byte; a boot that does not reach /init fails.
+    echo "test.sh: benchmark smoke run (bench-convert.sh 1)" >&2
+    scripts/bench-convert.sh 1 >&2 || status=1
+    echo "test.sh: benchmark smoke run (bench-boot.sh 1)" >&2
+    scripts/bench-boot.sh 1 >&2 || status=1
 fi
 
 # Fuzz smoke run over the committed corpus (long runs: see README). The corpus

@@ -1,0 +1,7 @@
+# Sourced (from the repository's root) by the scripts that boot the test
+# guest: builds it (resources/build.sh, cached), sets its artefacts'
+# variables (vmlinux, bzimage, initrd, cmdline, ...: build.sh's output) and
+# `cpu`, the CPU model QEMU boots the same guest with.
+eval "$(resources/build.sh --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
+# QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
+if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
