@@ -9,7 +9,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 SCRIPT [DISK...]" >&2; exit 2; }
 script=$1; shift
 "$here/install-qemu.sh"
-eval "$("$here/build.sh" --quiet | sed -E 's/^([a-z]+)=(.*)$/\1="\2"/')"
+# An assignment, so that a failing build.sh stops this script (set -e).
+artefacts=$("$here/build.sh" --quiet)
+eval "$(sed -E 's/^([a-z]+)=(.*)$/\1="\2"/' <<<"$artefacts")"
 padded=$(mktemp)
 trap 'rm -f "$padded"' EXIT
 cat "$script" > "$padded"

@@ -35,8 +35,8 @@ if [ "$status" = 0 ]; then
     cargo run --quiet -p addcow --bin addcow-bench -- --scale --runs 1 >&2 || status=1
     echo "test.sh: benchmark smoke run (devices block_throughput --smoke)" >&2
     cargo bench --quiet -p devices --bench block_throughput -- --smoke >&2 || status=1
-    # One round each: convert checks its output against qemu-img's and cp's
-    # byte for byte; a boot that does not reach /init fails.
+    # One round each: convert checks its output against qemu-img's byte for
+    # byte; a boot that does not reach /init or exit cleanly fails.
     echo "test.sh: benchmark smoke run (bench-convert.sh 1)" >&2
     scripts/bench-convert.sh 1 >&2 || status=1
     echo "test.sh: benchmark smoke run (bench-boot.sh 1)" >&2

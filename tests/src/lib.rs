@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use addcow::{Access, AddCow};
 use sha2::{Digest, Sha256};
 
-/// Guest RAM of every test boot, as Firecracker's default. On a host
+/// Guest RAM of the boots this harness makes (vmm's and QEMU's), as
+/// Firecracker's default; the power tests that boot `vmm` as a user would
+/// keep vmm's default of 256 MiB. On a host
 /// without VT-x/AMD-V the kernel's set-up of each page (its `struct page`,
 /// freeing it to the allocator) is emulated instruction by instruction:
 /// 256 MiB instead of 128 cost ~2 s of guest clock before /init there.
