@@ -9,9 +9,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 SCRIPT [DISK...]" >&2; exit 2; }
 script=$1; shift
 "$here/install-qemu.sh"
-# An assignment, so that a failing build.sh stops this script (set -e).
-artefacts=$("$here/build.sh" --quiet)
-eval "$(sed -E 's/^([a-z]+)=(.*)$/\1="\2"/' <<<"$artefacts")"
+source "$here/guest-env.sh"
 padded=$(mktemp)
 trap 'rm -f "$padded"' EXIT
 cat "$script" > "$padded"
@@ -23,8 +21,6 @@ for disk in "$@"; do
     letter=$(echo "$letter" | tr a-y b-z)
 done
 args+=(-drive "id=script,file=$padded,format=raw,if=none,readonly=on" -device virtio-blk-device,drive=script)
-# QEMU 7.2's -cpu host aborts on hosts without VT-x/AMD-V (MSR 0x10a).
-if grep -qw -e vmx -e svm /proc/cpuinfo; then cpu=host; else cpu=qemu64,-cx16,-popcnt; fi
 exec qemu-system-x86_64 -M microvm,acpi=off -enable-kvm -cpu "$cpu" -smp "${SMP:-1}" -m 128 \
     -nographic -no-reboot \
     -kernel "$vmlinux" -initrd "$initrd" -append "$cmdline addcow.run=/dev/vd$letter" \

@@ -19,7 +19,7 @@ mem=$(sed -n 's/^pub const GUEST_MEM: &str = "\([0-9]*\)M";$/\1/p' tests/src/lib
 [ -n "$mem" ] || { echo "bench-boot: GUEST_MEM not found in tests/src/lib.rs" >&2; exit 1; }
 
 resources/install-qemu.sh
-source scripts/guest-env.sh
+source resources/guest-env.sh
 cargo build --release --quiet -p vmm
 
 work=$(mktemp -d /var/tmp/bench-boot.XXXXXX)

@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-5}
 
 resources/install-qemu.sh
-source scripts/guest-env.sh
+source resources/guest-env.sh
 cargo build --release --quiet -p vmm
 
 work=$(mktemp -d /var/tmp/bench-guest.XXXXXX)

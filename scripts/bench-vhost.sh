@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-3}
 
 resources/install-qemu.sh
-source scripts/guest-env.sh
+source resources/guest-env.sh
 cargo build --release --quiet -p addcow -p vhost-user-blk
 
 work=$(mktemp -d /var/tmp/bench-vhost.XXXXXX)

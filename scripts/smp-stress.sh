@@ -13,7 +13,7 @@ if [ "${1:-}" = --qemu ]; then engine=qemu; shift; fi
 procs=${1:-100}
 case $procs in '' | *[!0-9]*) echo "usage: $0 [--qemu] [PROCS]" >&2; exit 2 ;; esac
 
-source scripts/guest-env.sh
+source resources/guest-env.sh
 work=$(mktemp -d /var/tmp/smp-stress.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 { echo "N=$procs"; cat <<'EOF'
